@@ -1,0 +1,194 @@
+"""adacc's options: one frozen dataclass, validated on construction.
+
+Options reach adacc through ``torch.compile(model, backend="adacc", options={...})``.
+Environment variables (``ADACC_*``) supply defaults and are read here and
+nowhere else; an explicit option always wins over the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["AdaccConfig", "parse_bytes", "ENV_VARS"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: str) -> int:
+    """Parse a size such as ``"1.5GiB"``, ``"800 MB"`` or ``"4096"`` into bytes."""
+    match = _BYTES_RE.match(value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(
+            f"memory_budget: cannot parse {value!r} as a size; expected a number with an "
+            f"optional unit ({', '.join(u for u in _UNITS if u)}), e.g. '1.5GiB'"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+# Environment variable -> option name. Documented in README.md.
+ENV_VARS = {
+    "ADACC_MEMORY_BUDGET": "memory_budget",
+    "ADACC_PROFILE": "profile",
+    "ADACC_CACHE_DIR": "cache_dir",
+    "ADACC_DUMP_DIR": "dump_dir",
+    "ADACC_SOLVER_TIME_LIMIT": "solver_time_limit",
+    "ADACC_SOLVER_MIP_GAP": "solver_mip_gap",
+    "ADACC_SHARE_LAYERS": "share_layers",
+}
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "adacc")
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: expected a bool (True/False, or '1'/'0' in the environment), got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaccConfig:
+    """Everything that changes what adacc plans or emits.
+
+    Attributes:
+        memory_budget: Bound on the peak of live activation memory. A float in
+            (0, 1] is a fraction of the bytes stock Inductor saves for backward on
+            the same graph; an int is absolute bytes; a string such as ``"1.5GiB"``
+            is parsed into bytes.
+        profile: Measure each op's time with real tensors on the device that runs
+            it (cached on disk). ``False`` uses a roofline estimate instead.
+        cache_dir: Where measured costs are cached.
+        dump_dir: When set, every compiled graph writes its graphs, plan, solver
+            summary and memory timeline here.
+        solver_time_limit: Seconds HiGHS may spend on one graph's MILP.
+        solver_mip_gap: Relative MIP gap at which HiGHS stops.
+        share_layers: Share one decision vector across structurally identical
+            layers (the memory rows stay exact).
+        verify: Check every plan against an exact liveness simulation of the
+            partitioned forward and backward graphs before using it.
+    """
+
+    memory_budget: float | int | str = 1.0
+    profile: bool = True
+    cache_dir: str = dataclasses.field(default_factory=_default_cache_dir)
+    dump_dir: str | None = None
+    solver_time_limit: float = 10.0
+    solver_mip_gap: float = 0.01
+    share_layers: bool = True
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        budget = self.memory_budget
+        if isinstance(budget, str):
+            object.__setattr__(self, "memory_budget", parse_bytes(budget))
+        elif isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(
+                "memory_budget: expected a fraction in (0, 1], a number of bytes (int) or a "
+                f"size string such as '1.5GiB', got {budget!r}"
+            )
+        elif isinstance(budget, float) and not (0.0 < budget <= 1.0):
+            raise ValueError(
+                f"memory_budget: a float budget is a fraction and must lie in (0, 1], got {budget!r}; "
+                "pass an int or a string such as '2GiB' for absolute bytes"
+            )
+        elif isinstance(budget, int) and budget <= 0:
+            raise ValueError(f"memory_budget: an absolute budget must be positive bytes, got {budget!r}")
+        for name in ("profile", "share_layers", "verify"):
+            object.__setattr__(self, name, _parse_bool(name, getattr(self, name)))
+        try:
+            limit = float(self.solver_time_limit)
+            gap = float(self.solver_mip_gap)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "solver_time_limit / solver_mip_gap: expected numbers, got "
+                f"{self.solver_time_limit!r} / {self.solver_mip_gap!r}"
+            ) from None
+        if not limit > 0:
+            raise ValueError(f"solver_time_limit: expected seconds > 0, got {self.solver_time_limit!r}")
+        if not 0 <= gap < 1:
+            raise ValueError(f"solver_mip_gap: expected a relative gap in [0, 1), got {self.solver_mip_gap!r}")
+        object.__setattr__(self, "solver_time_limit", limit)
+        object.__setattr__(self, "solver_mip_gap", gap)
+        for name in ("cache_dir", "dump_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name}: expected a path, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
+
+    @property
+    def budget_is_fraction(self) -> bool:
+        return isinstance(self.memory_budget, float)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
+    ) -> "AdaccConfig":
+        """Build a config from ``torch.compile`` options over ``ADACC_*`` defaults.
+
+        Raises:
+            ValueError: for an unknown option (naming the accepted ones) or a bad value.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for var, name in ENV_VARS.items():
+            if environ.get(var):
+                raw = environ[var]
+                if name == "memory_budget":
+                    values[name] = _budget_from_env(raw)
+                else:
+                    values[name] = raw
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown adacc option(s) {', '.join(map(repr, unknown))}; "
+                f"accepted options: {', '.join(cls.option_names())}"
+            )
+        values.update(options)
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """A stable hash of every field that influences the plan."""
+        fields = dataclasses.asdict(self)
+        fields.pop("dump_dir")  # dumping changes no decision
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _budget_from_env(raw: str) -> float | int | str:
+    # "0.4" is a fraction, "1000000" bytes, "1.5GiB" a size.
+    text = raw.strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
