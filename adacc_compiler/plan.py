@@ -62,6 +62,7 @@ class Plan:
     graph_id: str
     budget_bytes: int
     stock_saved_bytes: int  # what stock Inductor saves for backward on this graph
+    stock_peak_bytes: int  # stock Inductor's peak of live activation memory (the fraction's reference)
     predicted_saved_bytes: int  # bytes the planned forward saves for backward
     predicted_peak_bytes: int  # peak of live activation memory over fw+bw
     estimated_overhead_s: float  # extra time per step the plan adds

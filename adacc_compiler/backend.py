@@ -1,0 +1,374 @@
+"""The ``adacc`` torch.compile backend and its partitioner.
+
+``torch.compile(model, backend="adacc", options={...})`` reaches
+:func:`adacc_backend` through the ``torch_dynamo_backends`` entry point.
+Graphs that need gradients go to Inductor with :class:`AdaccPartitioner` as
+its custom partitioner: Inductor's joint-graph passes run first, then adacc
+analyses the joint graph, solves the MILP, splits forward and backward
+following the plan exactly, verifies the plan with the exact liveness
+simulation, and hands both graphs back to Inductor for code generation.
+Graphs that need no gradient go to Inductor unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+
+from adacc_compiler.config import AdaccConfig
+from adacc_compiler.plan import DROP, RECOMPUTE, RETAIN, Decision, MemoryTimeline, Plan, SolverSummary
+
+log = logging.getLogger(__name__)
+
+__all__ = ["adacc_backend", "AdaccPartitioner", "CompiledGraph", "compiled_graphs", "last_plan", "BudgetExceededError"]
+
+# The budget is checked against the exact simulation with this relative slack,
+# which only absorbs rounding in the byte counts.
+_BUDGET_RTOL = 1e-6
+_MAX_TIGHTENING_ROUNDS = 4
+
+
+class BudgetExceededError(RuntimeError):
+    """The exact liveness simulation of the best plan found exceeds the budget."""
+
+
+@dataclass
+class CompiledGraph:
+    """What adacc decided for one compiled graph (kept for inspection)."""
+
+    graph_id: str
+    plan: Plan
+    stock_timeline: MemoryTimeline
+    plan_timeline: MemoryTimeline
+    config: AdaccConfig
+    dump_path: str | None = None
+
+
+_history: collections.deque[CompiledGraph] = collections.deque(maxlen=256)
+_counter = itertools.count()
+_lock = threading.Lock()
+
+
+def compiled_graphs() -> list[CompiledGraph]:
+    """The graphs adacc compiled in this process, oldest first (up to 256)."""
+    with _lock:
+        return list(_history)
+
+
+def last_plan() -> Plan:
+    """The plan of the most recently compiled graph."""
+    with _lock:
+        if not _history:
+            raise RuntimeError("adacc has not compiled any graph that needs gradients in this process yet")
+        return _history[-1].plan
+
+
+def _code_version() -> bytes:
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    files = []
+    for folder in (here, os.path.join(here, "passes"), os.path.join(root, "passes")):
+        if os.path.isdir(folder):
+            files += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+    return get_hash_for_files(tuple(files))
+
+
+def _needs_grad(example_inputs: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
+
+
+def adacc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+    """Entry point Dynamo calls: ``torch.compile(model, backend="adacc", options=...)``."""
+    options = kwargs.pop("options", None)
+    mode = kwargs.pop("mode", None)
+    if kwargs:
+        raise ValueError(f"adacc backend: unexpected argument(s) {sorted(kwargs)}; pass settings through options={{...}}")
+    if mode not in (None, "default"):
+        raise ValueError(f"mode: adacc accepts only mode=None or 'default', got {mode!r}; use options={{...}} instead")
+    config = AdaccConfig.from_options(options)
+    from torch._inductor.compile_fx import compile_fx
+
+    if not _needs_grad(example_inputs):
+        log.debug("adacc: graph needs no gradient; compiling with stock Inductor")
+        return compile_fx(gm, example_inputs)
+    partitioner = AdaccPartitioner(config)
+    # The AOTAutograd cache would hand back a partition without calling the
+    # partitioner; adacc re-plans on every compile instead. Inductor's FX-graph
+    # cache stays on: its keys are the partitioned graphs, which encode the plan.
+    from torch._functorch import config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose nodes (and meta dicts) the stock partitioner may mutate freely."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out_val, old_out = graph.graph_copy(gm.graph, env, return_output_node=True)
+    new_out = graph.output(out_val)
+    new_out.meta = copy.copy(old_out.meta)
+    return fx.GraphModule(gm, graph)
+
+
+class AdaccPartitioner(CustomPartitionerFn):
+    """Inductor custom partitioner that follows adacc's plan."""
+
+    def __init__(self, config: AdaccConfig) -> None:
+        self.config = config
+        self._cost_model = None
+
+    def uuid(self) -> bytes:
+        # Changes with the code and with every option that shapes the plan.
+        return hashlib.sha256(_code_version() + self.config.fingerprint().encode()).digest()
+
+    def _costs(self):
+        if self._cost_model is None:
+            from adacc_compiler.costs import CostModel
+
+            self._cost_model = CostModel(profile=self.config.profile, cache_dir=self.config.cache_dir)
+        return self._cost_model
+
+    def __call__(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        from adacc_compiler.passes import _torch as tp
+
+        num_fwd_outputs = kwargs["num_fwd_outputs"]
+        static = kwargs.get("static_lifetime_input_indices") or []
+        gm = tp.prepare_joint_graph(gm)
+        return plan_and_partition(
+            gm,
+            joint_inputs,
+            config=self.config,
+            num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=list(static),
+            cost_model=self._costs(),
+        )
+
+
+def stock_partition(
+    gm: fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int, static_lifetime_input_indices: list[int]
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """What stock Inductor's partitioner makes of the same joint graph."""
+    from torch._functorch import config as functorch_config
+
+    from adacc_compiler.passes import _torch as tp
+
+    with functorch_config.patch(activation_memory_budget=1.0):
+        return tp.min_cut_rematerialization_partition(
+            _copy_graph_module(gm),
+            joint_inputs,
+            compiler="inductor",
+            num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=static_lifetime_input_indices,
+        )
+
+
+def plan_and_partition(
+    gm: fx.GraphModule,
+    joint_inputs: Sequence[object],
+    *,
+    config: AdaccConfig,
+    num_fwd_outputs: int,
+    static_lifetime_input_indices: list[int],
+    cost_model,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Analyse, plan, split and verify one prepared joint graph."""
+    from adacc_compiler.passes import _torch as tp
+    from adacc_compiler.passes.classify import analyze_joint_graph
+    from adacc_compiler.passes.liveness import simulate_partition
+    from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
+    from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
+
+    t_start = time.perf_counter()
+    info = analyze_joint_graph(
+        gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
+    )
+    if not info.bw_nodes:
+        log.info("adacc: joint graph has no backward nodes; using the default partition")
+        return tp.default_partition(
+            gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
+        )
+    with _lock:
+        index = next(_counter)
+    graph_id = f"graph_{index:03d}_{hashlib.sha1(gm.code.encode()).hexdigest()[:6]}"
+
+    param_names = info.param_primal_names
+    forward_names = {n.name for n in info.fw_nodes}
+    fw_stock, bw_stock = stock_partition(
+        gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
+    )
+    stock_tl = simulate_partition(fw_stock, bw_stock, param_names=param_names, forward_names=forward_names)
+    stock_saved = stock_tl.saved_bytes
+    # A fractional budget is relative to stock Inductor's own peak of live
+    # activation memory (what it saves plus what its backward recomputes): the
+    # same quantity the budget bounds, so 1.0 always admits stock's choice.
+    stock_peak = stock_tl.peak
+    if config.budget_is_fraction:
+        budget = int(math.floor(float(config.memory_budget) * stock_peak))
+    else:
+        budget = int(config.memory_budget)
+
+    recomputable = [c for c in info.candidates if c not in info.not_recomputable]
+    t_cost = time.perf_counter()
+    costs = cost_model.node_costs(recomputable)
+    t_cost = time.perf_counter() - t_cost
+
+    target = budget
+    attempts = []
+    for attempt in range(_MAX_TIGHTENING_ROUNDS):
+        try:
+            res = solve_plan(
+                info,
+                costs,
+                budget_bytes=target,
+                time_limit=config.solver_time_limit,
+                mip_gap=config.solver_mip_gap,
+                share_layers=config.share_layers,
+            )
+        except InfeasibleBudgetError as err:
+            # The model's minimum, shifted by how much the model under-predicted so far.
+            shift = budget - target
+            smallest = err.min_feasible_bytes + shift
+            frac = (
+                f" ({smallest / stock_peak:.3f} of stock Inductor's peak of {stock_peak} bytes)" if stock_peak else ""
+            )
+            raise InfeasibleBudgetError(
+                f"adacc: memory_budget={config.memory_budget!r} ({budget} bytes) is infeasible for {graph_id}; "
+                f"the smallest feasible budget for this graph is {smallest} bytes{frac}",
+                min_feasible_bytes=smallest,
+                budget_bytes=budget,
+            ) from None
+        fw_gm, bw_gm = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
+        plan_tl = simulate_partition(fw_gm, bw_gm, param_names=param_names, forward_names=forward_names)
+        attempts.append((target, res.predicted_peak, plan_tl.peak))
+        if not config.verify or plan_tl.peak <= budget * (1 + _BUDGET_RTOL):
+            break
+        excess = plan_tl.peak - budget
+        log.debug(
+            "adacc %s: simulated peak %d exceeds budget %d by %d bytes (model predicted %d); tightening",
+            graph_id,
+            plan_tl.peak,
+            budget,
+            excess,
+            res.predicted_peak,
+        )
+        target = max(1, target - excess)
+    else:
+        raise BudgetExceededError(
+            f"adacc: after {_MAX_TIGHTENING_ROUNDS} rounds the best plan for {graph_id} still peaks at "
+            f"{plan_tl.peak} bytes over the budget of {budget} bytes (attempts: model budget, model peak, "
+            f"simulated peak = {attempts}). Raise memory_budget, or pass options={{'verify': False}} to accept it."
+        )
+    tag_plan(info, res.save, res.recompute)
+
+    decisions = []
+    for c in info.candidates:
+        val = c.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        choice = RETAIN if c in res.save else RECOMPUTE if c in res.recompute else DROP
+        decisions.append(
+            Decision(
+                name=c.name,
+                shape=tuple(int(s) if isinstance(s, int) else str(s) for s in val.shape),
+                dtype=str(val.dtype),
+                nbytes=info.nbytes.get(c, 0),
+                producer=str(getattr(c.target, "__name__", c.target)),
+                choice=choice,
+                cost_s=float(costs.get(c, 0.0)),
+                layer=info.layer_of.get(c, (None, None))[0],
+                needed_by_backward=c in set(info.boundary),
+            )
+        )
+    fixed = sum(info.nbytes.get(p, 0) for p in res.keep_primals)
+    solver = SolverSummary(
+        status=res.status,
+        objective_s=res.objective_s,
+        bound_s=res.bound_s,
+        gap=res.gap,
+        time_s=res.time_s,
+        num_columns=res.num_columns,
+        num_rows=res.num_rows,
+        num_nonzeros=res.num_nonzeros,
+        shared_layers=res.shared_layers,
+        warm_start=res.warm_start,
+        fallback=res.fallback,
+    )
+    notes = []
+    if len(attempts) > 1:
+        notes.append(f"budget tightened {len(attempts) - 1} time(s) after the exact simulation: {attempts}")
+    plan = Plan(
+        graph_id=graph_id,
+        budget_bytes=budget,
+        stock_saved_bytes=stock_saved,
+        stock_peak_bytes=stock_peak,
+        predicted_saved_bytes=plan_tl.saved_bytes,
+        predicted_peak_bytes=plan_tl.peak,
+        estimated_overhead_s=res.objective_s,
+        decisions=decisions,
+        solver=solver,
+        fixed_saved_bytes=fixed,
+        notes=notes,
+    )
+    counts = plan.counts()
+    log.info(
+        "adacc %s: budget %.2f MiB (stock peak %.2f MiB, saves %.2f MiB), predicted peak %.2f MiB, saved %.2f MiB; "
+        "retain %d, recompute %d, drop %d; est. overhead %.1f us/step; solve %.2f s (%s, gap %.2f%%%s); "
+        "planning %.2f s (costs %.2f s)",
+        graph_id,
+        budget / 2**20,
+        stock_peak / 2**20,
+        stock_saved / 2**20,
+        plan.predicted_peak_bytes / 2**20,
+        plan.predicted_saved_bytes / 2**20,
+        counts[RETAIN],
+        counts[RECOMPUTE],
+        counts[DROP],
+        res.objective_s * 1e6,
+        res.time_s,
+        res.status,
+        100 * res.gap if math.isfinite(res.gap) else float("inf"),
+        f", {res.fallback}" if res.fallback else "",
+        time.perf_counter() - t_start,
+        t_cost,
+    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("adacc %s decisions:\n%s", graph_id, plan.table())
+
+    record = CompiledGraph(graph_id, plan, stock_tl, plan_tl, config)
+    if config.dump_dir:
+        from adacc_compiler.dump import write_dumps
+
+        record.dump_path = str(
+            write_dumps(
+                config.dump_dir,
+                graph_id,
+                joint_gm=gm,
+                fw_gm=fw_gm,
+                bw_gm=bw_gm,
+                plan=plan,
+                stock_timeline=stock_tl,
+                plan_timeline=plan_tl,
+                extra={"cost_model": getattr(cost_model, "stats", None), "config": config.fingerprint()},
+            )
+        )
+    with _lock:
+        _history.append(record)
+    return fw_gm, bw_gm

@@ -1,0 +1,476 @@
+"""The global retain/recompute MILP, solved with HiGHS.
+
+Model (one joint graph):
+
+* Binary columns per candidate value ``c``: ``save[c]`` (the forward saves it)
+  and ``recompute[c]`` (the backward rebuilds it); neither means it is dropped.
+  Non-parameter primals get a ``keep[p]`` column (saving an input holds it).
+* Every boundary value (read by the backward) is saved or recomputed.
+* A recomputed value needs each input available: saved, recomputed,
+  a parameter, or a kept input. ``save + recompute <= 1``.
+* Memory: each column occupies an interval of the backward schedule
+  (:func:`adacc_compiler.passes.liveness.model_intervals`); a saved value is
+  live from the end of the forward. A running total ``m_k`` over the interval
+  start points (O(N + T) non-zeros) is bounded by the budget at every point:
+  the budget bounds the peak of live activation memory, not the saved sum.
+* Objective: the summed time of the recomputed ops (seconds per step).
+* Structurally identical layers share one decision vector (the same columns);
+  the memory rows stay exact.
+
+HiGHS gets a time limit, a relative gap and a warm start from a greedy plan;
+when it stops without a solution the greedy plan is the fallback, if it fits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from adacc_compiler.passes.classify import JointGraphInfo
+from adacc_compiler.passes.liveness import Intervals, model_intervals
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
+
+
+class InfeasibleBudgetError(ValueError):
+    """No plan fits the budget; ``min_feasible_bytes`` is the smallest that does."""
+
+    def __init__(self, message: str, *, min_feasible_bytes: int, budget_bytes: int) -> None:
+        super().__init__(message)
+        self.min_feasible_bytes = min_feasible_bytes
+        self.budget_bytes = budget_bytes
+
+
+@dataclass
+class SolveResult:
+    save: set[fx.Node]
+    recompute: set[fx.Node]
+    keep_primals: set[fx.Node]
+    status: str
+    objective_s: float
+    bound_s: float
+    gap: float
+    time_s: float
+    num_columns: int
+    num_rows: int
+    num_nonzeros: int
+    shared_layers: int
+    warm_start: bool
+    fallback: str | None
+    predicted_peak: int
+
+
+class _Model:
+    """Columns, logical rows and memory terms of one MILP, before HiGHS sees it."""
+
+    def __init__(self, info: JointGraphInfo, iv: Intervals, costs: dict[fx.Node, float], share: bool):
+        self.info = info
+        cand = info.candidates
+        is_tensor = {c: isinstance(c.meta.get("val"), torch.Tensor) for c in cand}
+        is_multi = {c: isinstance(c.meta.get("val"), (list, tuple)) for c in cand}
+        self.num_cols = 0
+        self.col_cost: list[float] = []
+        self.save_col: dict[fx.Node, int] = {}
+        self.rec_col: dict[fx.Node, int] = {}
+        self.keep_col: dict[fx.Node, int] = {}
+        self.shared_layers = 0
+
+        def new_col(cost: float) -> int:
+            self.col_cost.append(cost)
+            self.num_cols += 1
+            return self.num_cols - 1
+
+        # Which nodes may share a column with their layer-0 twin.
+        template: dict[tuple[int, int], fx.Node] = {}
+        if share and info.num_layers > 1:
+            for node, (layer, slot) in info.layer_of.items():
+                if layer == 0:
+                    template[slot] = node
+            self.shared_layers = info.num_layers
+
+        def twin(c: fx.Node) -> fx.Node | None:
+            if not template or c not in info.layer_of:
+                return None
+            layer, slot = info.layer_of[c]
+            t = template.get(slot)
+            if layer == 0 or t is None or t not in self.save_col and t not in self.rec_col:
+                return None
+            return t
+
+        # Only values that can matter get columns: tensors and multi-output ops.
+        self.relevant = [c for c in cand if is_tensor[c] or is_multi[c]]
+        boundary = set(info.boundary)
+        for c in self.relevant:
+            t = twin(c)
+            can_save = is_tensor[c]
+            can_rec = c not in info.not_recomputable
+            if t is not None and (can_save == (t in self.save_col)) and (can_rec == (t in self.rec_col)) and (
+                (c in boundary) == (t in boundary)
+            ):
+                if can_save:
+                    self.save_col[c] = self.save_col[t]
+                if can_rec:
+                    self.rec_col[c] = self.rec_col[t]
+                if can_rec:
+                    self.col_cost[self.rec_col[c]] += costs.get(c, 0.0)
+                continue
+            if can_save:
+                self.save_col[c] = new_col(0.0)
+            if can_rec:
+                self.rec_col[c] = new_col(costs.get(c, 0.0))
+        for p in info.primals:
+            if p not in info.param_primals and isinstance(p.meta.get("val"), torch.Tensor):
+                if any(u in set(self.relevant) or u in info.bw_pos for u in p.users):
+                    self.keep_col[p] = new_col(0.0)
+
+        # Logical rows: list of (indices, coefs, lower, upper). Shared columns make
+        # duplicate rows; they are removed by a set.
+        rows: set[tuple[tuple[tuple[int, float], ...], float, float]] = set()
+        infeasible_reasons: list[str] = []
+        for c in self.relevant:
+            s, r = self.save_col.get(c), self.rec_col.get(c)
+            if s is not None and r is not None:
+                rows.add((((s, 1.0), (r, 1.0)), -math.inf, 1.0))
+            if c in boundary:
+                terms = tuple((k, 1.0) for k in (s, r) if k is not None)
+                if not terms:
+                    infeasible_reasons.append(c.name)
+                    continue
+                rows.add((terms, 1.0, math.inf))
+            if r is None:
+                continue
+            for a in c.all_input_nodes:
+                if a in self.keep_col:
+                    rows.add((((self.keep_col[a], 1.0), (r, -1.0)), 0.0, math.inf))
+                elif a in self.save_col or a in self.rec_col:
+                    terms = tuple((k, 1.0) for k in (self.save_col.get(a), self.rec_col.get(a)) if k is not None)
+                    if terms[0][0] == r or any(k == r for k, _ in terms):
+                        continue  # a shared column cannot depend on itself
+                    rows.add((terms + ((r, -1.0),), 0.0, math.inf))
+        for p, k in self.keep_col.items():
+            if p in boundary:
+                rows.add((((k, 1.0),), 1.0, math.inf))
+        assert not infeasible_reasons, f"boundary values with no way to be available: {infeasible_reasons}"
+        self.logical_rows = sorted(rows)
+
+        # Memory terms: (column, bytes, start point, end point) on backward positions.
+        terms: list[tuple[int, int, float, float]] = []
+        for c in self.relevant:
+            if c in self.save_col and iv.bytes_saved.get(c, 0) and iv.last_saved[c] >= 0:
+                terms.append((self.save_col[c], iv.bytes_saved[c], -1.0, iv.last_saved[c]))
+            if c in self.rec_col and iv.bytes_recomputed.get(c, 0) and iv.need[c] != math.inf:
+                terms.append((self.rec_col[c], iv.bytes_recomputed[c], iv.need[c], iv.last_recomputed[c]))
+        for p, k in self.keep_col.items():
+            last = max(
+                [float(info.bw_pos[u]) for u in p.users if u in info.bw_pos]
+                + [iv.need[u] for u in p.users if u in iv.need and iv.need[u] != math.inf]
+                + [0.0]
+            )
+            terms.append((k, info.nbytes.get(p, 0), -1.0, last))
+        points = sorted({-1.0} | {t[2] for t in terms})
+        self.points = points
+        self.mem_terms = []
+        for col, size, start, end in terms:
+            a = bisect.bisect_left(points, start)
+            b = bisect.bisect_right(points, end) - 1
+            if b >= a:
+                self.mem_terms.append((col, size, a, b))
+
+    # -- evaluation helpers (greedy, warm start, fallback) --
+    def memory_profile(self, x: np.ndarray) -> np.ndarray:
+        delta = np.zeros(len(self.points) + 1)
+        for col, size, a, b in self.mem_terms:
+            if x[col] > 0.5:
+                delta[a] += size
+                delta[b + 1] -= size
+        return np.cumsum(delta)[:-1]
+
+    def logical_ok(self, x: np.ndarray) -> bool:
+        for terms, lo, hi in self.logical_rows:
+            v = sum(x[k] * c for k, c in terms)
+            if v < lo - 1e-9 or v > hi + 1e-9:
+                return False
+        return True
+
+
+def _greedy(model: _Model, budget: float) -> np.ndarray | None:
+    """Start from saving every boundary value; recompute the best bytes-per-second first."""
+    info = model.info
+    x = np.zeros(model.num_cols)
+    boundary = set(info.boundary)
+    for c in model.relevant:
+        if c in boundary:
+            if c in model.save_col:
+                x[model.save_col[c]] = 1
+            else:
+                x[model.rec_col[c]] = 1
+    for p, k in model.keep_col.items():
+        if p in boundary:
+            x[k] = 1
+    # Close recomputed multi-output values (their inputs must be available).
+    if not _close(model, x):
+        return None
+    by_col: dict[int, list[fx.Node]] = {}
+    for c, s in model.save_col.items():
+        if c in model.rec_col and c in boundary:
+            by_col.setdefault(s, []).append(c)
+    options = []
+    for s, nodes in by_col.items():
+        freed = sum(info.nbytes.get(c, 0) for c in nodes)
+        cost = model.col_cost[model.rec_col[nodes[0]]]
+        options.append((freed / (cost + 1e-9), s, nodes))
+    options.sort(key=lambda o: -o[0])
+    peak = model.memory_profile(x).max(initial=0.0)
+    for _, s, nodes in options:
+        if peak <= budget:
+            break
+        trial = x.copy()
+        trial[s] = 0
+        trial[model.rec_col[nodes[0]]] = 1
+        if not _close(model, trial):
+            continue
+        new_peak = model.memory_profile(trial).max(initial=0.0)
+        if new_peak < peak:
+            x, peak = trial, new_peak
+    return x if model.logical_ok(x) else None
+
+
+def _close(model: _Model, x: np.ndarray) -> bool:
+    """Make every recomputed value's inputs available by saving (or recomputing) them."""
+    changed = True
+    while changed:
+        changed = False
+        for c, r in model.rec_col.items():
+            if x[r] < 0.5:
+                continue
+            for a in c.all_input_nodes:
+                if a in model.keep_col:
+                    if x[model.keep_col[a]] < 0.5:
+                        x[model.keep_col[a]] = 1
+                        changed = True
+                elif a in model.save_col or a in model.rec_col:
+                    s, ra = model.save_col.get(a), model.rec_col.get(a)
+                    if (s is not None and x[s] > 0.5) or (ra is not None and x[ra] > 0.5):
+                        continue
+                    if s is not None and s != r:
+                        x[s] = 1
+                    elif ra is not None and ra != r:
+                        x[ra] = 1
+                    else:
+                        return False
+                    changed = True
+    return True
+
+
+def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    n = model.num_cols
+    npts = len(model.points)
+    inf = highspy.kHighsInf
+    # Columns: decisions, then one m_k per point, then (peak mode) the peak M.
+    costs = np.concatenate([np.array(model.col_cost) * (0.0 if minimise_peak else 1.0), np.zeros(npts)])
+    lower = np.zeros(n + npts)
+    upper = np.concatenate([np.ones(n), np.full(npts, inf if minimise_peak else budget)])
+    if minimise_peak:
+        costs = np.concatenate([costs, [1.0]])
+        lower = np.concatenate([lower, [0.0]])
+        upper = np.concatenate([upper, [inf]])
+        # Tie-break toward cheap plans among the smallest-peak ones.
+        costs[:n] = np.array(model.col_cost) * 1e-6
+    ncols = len(costs)
+    h.addCols(ncols, costs, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
+    h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.full(n, highspy.HighsVarType.kInteger))
+
+    row_lo: list[float] = []
+    row_hi: list[float] = []
+    starts: list[int] = []
+    idx: list[int] = []
+    val: list[float] = []
+
+    def add_row(terms, lo, hi):
+        starts.append(len(idx))
+        for k, c in terms:
+            idx.append(k)
+            val.append(c)
+        row_lo.append(-inf if lo == -math.inf else lo)
+        row_hi.append(inf if hi == math.inf else hi)
+
+    for terms, lo, hi in model.logical_rows:
+        add_row(terms, lo, hi)
+    adds: list[list[tuple[int, float]]] = [[] for _ in range(npts + 1)]
+    for col, size, a, b in model.mem_terms:
+        adds[a].append((col, -float(size)))
+        adds[b + 1].append((col, float(size)))
+    for k in range(npts):
+        terms = [(n + k, 1.0)] + adds[k]
+        if k > 0:
+            terms.append((n + k - 1, -1.0))
+        add_row(terms, 0.0, 0.0)
+        if minimise_peak:
+            add_row([(n + k, 1.0), (ncols - 1, -1.0)], -inf, 0.0)
+    h.addRows(
+        len(row_lo),
+        np.array(row_lo),
+        np.array(row_hi),
+        len(idx),
+        np.array(starts, dtype=np.int32),
+        np.array(idx, dtype=np.int32),
+        np.array(val),
+    )
+    return h, ncols, len(row_lo), len(idx)
+
+
+def _warm_start(h, model: _Model, x: np.ndarray, extra: list[float] | None = None) -> None:
+    import highspy
+
+    m = model.memory_profile(x)
+    sol = highspy.HighsSolution()
+    sol.col_value = list(x) + list(m) + (extra or [])
+    sol.value_valid = True
+    h.setSolution(sol)
+
+
+def min_feasible_budget(model: _Model, *, time_limit: float) -> tuple[int, int]:
+    """The smallest peak any plan reaches (best found, proven lower bound)."""
+    import highspy
+
+    h, _, _, _ = _build_highs(model, math.inf, minimise_peak=True)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("mip_rel_gap", 1e-3)
+    h.run()
+    status = h.getModelStatus()
+    if status in (highspy.HighsModelStatus.kOptimal,) or h.getInfo().primal_solution_status == 2:
+        sol = np.array(h.getSolution().col_value[: model.num_cols])
+        best = int(model.memory_profile(np.round(sol)).max(initial=0.0))
+        bound = int(h.getInfo().mip_dual_bound)
+        return best, min(bound, best)
+    raise RuntimeError(f"adacc: could not compute the smallest feasible budget ({h.modelStatusToString(status)})")
+
+
+def solve_plan(
+    info: JointGraphInfo,
+    costs: dict[fx.Node, float],
+    *,
+    budget_bytes: int,
+    time_limit: float,
+    mip_gap: float,
+    share_layers: bool,
+    refinement_rounds: int = 2,
+) -> SolveResult:
+    """Choose retain / recompute / drop for every candidate under ``budget_bytes``.
+
+    The memory intervals depend on which values are recomputed (a value must
+    exist from the moment a recomputed user is rebuilt), so the MILP is solved
+    on first-round intervals and re-solved on the intervals its own plan
+    implies, until the recompute set stops changing.
+    """
+    t0 = time.perf_counter()
+    iv = model_intervals(info)
+    res = _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, share_layers)
+    for _ in range(refinement_rounds):
+        iv = model_intervals(info, res.recompute)
+        try:
+            nxt = _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, share_layers)
+        except InfeasibleBudgetError:
+            # The refined intervals are stricter; keep the last plan and let the
+            # exact simulation of the partition judge it.
+            break
+        done = nxt.recompute == res.recompute
+        res = nxt
+        if done:
+            break
+    res.time_s = time.perf_counter() - t0
+    return res
+
+
+def _solve_once(
+    info: JointGraphInfo,
+    iv: Intervals,
+    costs: dict[fx.Node, float],
+    budget_bytes: int,
+    time_limit: float,
+    mip_gap: float,
+    share_layers: bool,
+) -> SolveResult:
+    import highspy
+
+    t0 = time.perf_counter()
+    model = _Model(info, iv, costs, share_layers)
+    budget = float(budget_bytes)
+    greedy = _greedy(model, budget)
+    greedy_fits = greedy is not None and model.memory_profile(greedy).max(initial=0.0) <= budget
+    h, ncols, nrows, nnz = _build_highs(model, budget, minimise_peak=False)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("mip_rel_gap", float(mip_gap))
+    h.setOptionValue("random_seed", 0)
+    if greedy_fits:
+        _warm_start(h, model, greedy)
+    h.run()
+    status = h.getModelStatus()
+    hinfo = h.getInfo()
+    status_name = h.modelStatusToString(status)
+    has_solution = hinfo.primal_solution_status == 2
+    fallback = None
+    if not has_solution and not greedy_fits:
+        if share_layers and model.shared_layers:
+            # Shared layer decisions can rule out a plan that exists per node.
+            log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
+            return _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, False)
+        if status != highspy.HighsModelStatus.kInfeasible:
+            raise RuntimeError(
+                f"adacc: HiGHS stopped without a plan ({status_name}) and the greedy plan does not fit; "
+                f"raise solver_time_limit (now {time_limit} s)"
+            )
+        best, bound = min_feasible_budget(model, time_limit=time_limit)
+        raise InfeasibleBudgetError(
+            f"memory budget of {budget_bytes} bytes is infeasible; the smallest feasible budget is {best} bytes",
+            min_feasible_bytes=best,
+            budget_bytes=budget_bytes,
+        )
+    if has_solution:
+        x = np.round(np.array(h.getSolution().col_value[: model.num_cols]))
+        objective = float(hinfo.objective_function_value)
+        bound = float(hinfo.mip_dual_bound)
+        gap = float(hinfo.mip_gap)
+    else:
+        assert greedy is not None
+        x = greedy
+        fallback = f"solver stopped without a solution ({status_name}); greedy plan used"
+        objective = float(np.dot(model.col_cost, x))
+        bound = float("nan")
+        gap = float("inf")
+    if not model.logical_ok(x):
+        raise RuntimeError("adacc internal error: the MILP solution violates the availability constraints")
+    save = {c for c, k in model.save_col.items() if x[k] > 0.5}
+    recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
+    keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
+    peak = int(model.memory_profile(x).max(initial=0.0))
+    return SolveResult(
+        save=save,
+        recompute=recompute,
+        keep_primals=keep,
+        status=status_name,
+        objective_s=objective,
+        bound_s=bound,
+        gap=gap if math.isfinite(gap) else float("inf"),
+        time_s=time.perf_counter() - t0,
+        num_columns=ncols,
+        num_rows=nrows,
+        num_nonzeros=nnz,
+        shared_layers=model.shared_layers,
+        warm_start=greedy_fits,
+        fallback=fallback,
+        predicted_peak=peak,
+    )

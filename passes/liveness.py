@@ -1,0 +1,249 @@
+"""Liveness: the activation-memory timeline of a forward+backward schedule.
+
+Two views of the same quantity:
+
+* :func:`simulate_partition` is exact: it walks the partitioned forward and
+  backward graphs event by event and counts the bytes of every storage that
+  holds a value the backward needs (saved by the forward, or recomputed in the
+  backward), from its allocation to its last use. Views share their base's
+  storage and are counted once; parameters and buffers are never counted.
+  Every plan is checked with it before it is used.
+* :func:`model_intervals` is the linear model the MILP uses: for each candidate
+  value, the backward interval it occupies if retained or if recomputed.
+
+The dependency structure is held in a networkx DiGraph (:func:`dependency_graph`),
+which the rewrite also uses to check that a plan is closed (every recomputed
+value's inputs are available).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from adacc_compiler.passes import _torch as tp
+from adacc_compiler.passes.classify import JointGraphInfo, storage_key, tensor_nbytes
+from adacc_compiler.plan import MemoryTimeline
+
+__all__ = ["simulate_partition", "model_intervals", "Intervals", "dependency_graph", "saved_names"]
+
+
+def _storage_nbytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            nbytes = val.untyped_storage().nbytes()
+            if isinstance(nbytes, int):
+                return nbytes
+        except Exception:
+            pass
+    return tensor_nbytes(val)
+
+
+def saved_names(bw_gm: fx.GraphModule) -> list[str]:
+    """Names of the values the backward receives from the forward, in order."""
+    return [n.name for n in bw_gm.graph.find_nodes(op="placeholder") if not tp._is_tangent(n)]
+
+
+def simulate_partition(
+    fw_gm: fx.GraphModule,
+    bw_gm: fx.GraphModule,
+    *,
+    param_names: set[str],
+    forward_names: set[str],
+) -> MemoryTimeline:
+    """Exact activation-memory timeline of a partitioned forward and backward.
+
+    Args:
+        param_names: placeholders that are parameters or buffers (never counted).
+        forward_names: names of the joint graph's forward-computable nodes; a
+            backward node with one of these names is a recomputed value.
+    """
+    saved = set(saved_names(bw_gm)) - param_names
+    # Views of parameters hold no activation memory.
+    param_keys = {storage_key(n) for n in fw_gm.graph.find_nodes(op="placeholder") if n.name in param_names}
+    labels: list[str] = []
+    phases: list[str] = []
+    live: list[int] = []
+
+    # Forward: a saved storage is live from the first node that allocates it.
+    fw_events = [n for n in fw_gm.graph.nodes if n.op in ("placeholder", "call_function")]
+    first_alloc: dict[object, int] = {}
+    size: dict[object, int] = {}
+    for i, n in enumerate(fw_events):
+        key = storage_key(n)
+        first_alloc.setdefault(key, i)
+    saved_keys: dict[object, int] = {}
+    for n in fw_events:
+        if n.name in saved and isinstance(n.meta.get("val"), torch.Tensor):
+            key = storage_key(n)
+            if key in param_keys:
+                continue
+            saved_keys[key] = first_alloc[key]
+            size[key] = max(size.get(key, 0), _storage_nbytes(n))
+    starts = sorted(saved_keys.items(), key=lambda kv: kv[1])
+    total = 0
+    k = 0
+    for i, n in enumerate(fw_events):
+        while k < len(starts) and starts[k][1] <= i:
+            total += size[starts[k][0]]
+            k += 1
+        if n.op == "call_function":
+            labels.append(n.name)
+            phases.append("forward")
+            live.append(total)
+    if not labels:  # a forward of placeholders only still saves its inputs
+        labels.append("forward")
+        phases.append("forward")
+        live.append(total)
+
+    # Backward: saved storages live until their last use; recomputed values
+    # from their allocation to their last use.
+    bw_nodes = list(bw_gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(bw_nodes)}
+    intervals: dict[object, list[int]] = {}
+    bw_size: dict[object, int] = {}
+    for n in bw_nodes:
+        is_saved = n.op == "placeholder" and n.name in saved
+        is_recomputed = n.op == "call_function" and n.name in forward_names
+        if not (is_saved or is_recomputed) or not isinstance(n.meta.get("val"), torch.Tensor):
+            continue
+        key = storage_key(n)
+        if key in param_keys:
+            continue
+        start = -1 if is_saved else pos[n]
+        end = max((pos[u] for u in n.users if u.op != "output"), default=start)
+        if any(u.op == "output" for u in n.users):
+            end = len(bw_nodes)
+        iv = intervals.setdefault(key, [start, end])
+        iv[0] = min(iv[0], start)
+        iv[1] = max(iv[1], end)
+        bw_size[key] = max(bw_size.get(key, 0), _storage_nbytes(n))
+    delta = [0] * (len(bw_nodes) + 2)
+    base = 0
+    for key, (start, end) in intervals.items():
+        if start < 0:
+            base += bw_size[key]
+        else:
+            delta[start] += bw_size[key]
+        delta[min(end, len(bw_nodes)) + 1] -= bw_size[key]
+    running = base
+    for i, n in enumerate(bw_nodes):
+        running += delta[i]
+        if n.op == "call_function":
+            labels.append(n.name)
+            phases.append("backward")
+            live.append(running)
+    return MemoryTimeline(labels=labels, phases=phases, live_bytes=live)
+
+
+def dependency_graph(info: JointGraphInfo) -> nx.DiGraph:
+    """The forward-computable dependency DAG (candidates and the primals they read)."""
+    g = nx.DiGraph()
+    cand = set(info.candidates)
+    for c in info.candidates:
+        g.add_node(c.name)
+        for a in c.all_input_nodes:
+            if a in cand or a.op == "placeholder":
+                g.add_edge(a.name, c.name)
+    return g
+
+
+# Recomputed values are placed just before their first backward reader, in
+# dependency order; each step back along a recompute chain moves this much
+# earlier on the backward axis (chains are far shorter than 1 / _CHAIN_STEP).
+_CHAIN_STEP = 1e-4
+
+
+def is_alias(node: fx.Node) -> bool:
+    """True for ops whose output shares its input's storage (views)."""
+    target = node.target
+    if target is torch.ops.aten._unsafe_view.default:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in target._schema.returns)
+    return False
+
+
+@dataclass
+class Intervals:
+    """Where each candidate lives on the backward axis, and what it occupies.
+
+    The backward axis numbers the backward nodes 0..T-1 in schedule order; a
+    saved value lives from -1 (the end of the forward) to ``last_saved[c]``; a
+    recomputed one from ``need[c]`` to ``last_recomputed[c]``. ``bytes_saved``
+    and ``bytes_recomputed`` are what each choice occupies: a recomputed view
+    allocates nothing (its base is accounted for, and kept alive long enough);
+    a saved view holds its base's storage.
+    """
+
+    need: dict[fx.Node, float]
+    last_saved: dict[fx.Node, float]
+    last_recomputed: dict[fx.Node, float]
+    bytes_saved: dict[fx.Node, int]
+    bytes_recomputed: dict[fx.Node, int]
+    num_bw: int
+
+
+def model_intervals(info: JointGraphInfo, recomputed: set[fx.Node] | None = None) -> Intervals:
+    """Backward intervals of every candidate under a tentative recompute set.
+
+    A value must exist from the earliest moment something reads it: a backward
+    node, or the recomputation of a forward user. Which users are recomputed is
+    the MILP's decision, so the intervals are computed for a tentative set and
+    refined (see :func:`adacc_compiler.solver.solve_plan`). With
+    ``recomputed=None`` (the first round) the head of an interval comes from
+    direct backward readers only, except for values nothing reads directly,
+    whose interval comes from their users.
+    """
+    num_bw = len(info.bw_nodes)
+    cand = set(info.candidates)
+    output_node = info.gm.graph.output_node()
+    need: dict[fx.Node, float] = {}
+    last_s: dict[fx.Node, float] = {}
+    last_r: dict[fx.Node, float] = {}
+    b_s: dict[fx.Node, int] = {}
+    b_r: dict[fx.Node, int] = {}
+    for c in reversed(info.candidates):
+        first = math.inf
+        final = -1.0
+        direct = False
+        users = []
+        for u in c.users:
+            if u in info.bw_pos:
+                first = min(first, float(info.bw_pos[u]))
+                final = max(final, float(info.bw_pos[u]))
+                direct = True
+            elif u is output_node and c in info.boundary:
+                first = min(first, float(num_bw - 1))
+                final = max(final, float(num_bw - 1))
+                direct = True
+            elif u in cand:
+                users.append(u)
+        head_users = users if recomputed is None else [u for u in users if u in recomputed]
+        tail = final
+        for u in head_users:
+            if need[u] == math.inf:
+                continue
+            if recomputed is not None or not direct:
+                first = min(first, need[u])
+            tail = max(tail, need[u])
+            if is_alias(u):
+                # The view keeps this storage alive for as long as it lives.
+                tail = max(tail, last_r[u])
+        need[c] = first - _CHAIN_STEP if first != math.inf else math.inf
+        last_s[c] = tail
+        last_r[c] = tail
+        size = info.nbytes.get(c, 0)
+        if size and is_alias(c):
+            b_s[c] = _storage_nbytes(c)
+            b_r[c] = 0
+        else:
+            b_s[c] = b_r[c] = size
+    return Intervals(
+        need=need, last_saved=last_s, last_recomputed=last_r, bytes_saved=b_s, bytes_recomputed=b_r, num_bw=num_bw
+    )

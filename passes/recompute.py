@@ -1,0 +1,87 @@
+"""Rewrite: split the joint graph so that the backward follows the plan exactly.
+
+Given the values to save and the values to recompute, the forward graph
+returns exactly the saved values, and the backward graph rebuilds each
+recomputed value from saved ones just before its first backward use. The
+result is checked against the plan: a partition that saves or recomputes
+anything the plan did not ask for is an error, never a silent deviation.
+Decisions are recorded in ``node.meta["adacc"]`` on the joint graph.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from adacc_compiler.passes import _torch as tp
+from adacc_compiler.passes.classify import JointGraphInfo
+from adacc_compiler.passes.liveness import saved_names
+from adacc_compiler.plan import DROP, RECOMPUTE, RETAIN
+
+__all__ = ["tag_plan", "partition_with_plan", "PlanMismatchError"]
+
+
+class PlanMismatchError(RuntimeError):
+    """The partitioned graphs do not do what the plan says."""
+
+
+def tag_plan(info: JointGraphInfo, save: set[fx.Node], recompute: set[fx.Node]) -> None:
+    for c in info.candidates:
+        c.meta["adacc"] = RETAIN if c in save else RECOMPUTE if c in recompute else DROP
+
+
+def partition_with_plan(
+    info: JointGraphInfo,
+    *,
+    save: set[fx.Node],
+    recompute: set[fx.Node],
+    keep_primals: set[fx.Node],
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    gm = info.gm
+    order = info.order
+    needs = set(info.bw_nodes) | recompute
+    primals_needed = {
+        a for n in needs for a in n.all_input_nodes if a.op == "placeholder" and tp._is_primal(a)
+    } | {b for b in info.boundary if b.op == "placeholder"}
+    sym_nodes = [
+        n
+        for n in gm.graph.nodes
+        if (n.op == "placeholder" and tp._is_primal(n) or n in set(info.fw_nodes)) and tp.is_sym_node(n)
+    ]
+    tensor_primals = {p for p in primals_needed if not tp.is_sym_node(p)}
+    missing = {p for p in tensor_primals if p not in info.param_primals and p not in keep_primals}
+    if missing:
+        raise PlanMismatchError(f"plan reads inputs it does not keep: {sorted(p.name for p in missing)}")
+    saved_values = sorted((save - set(sym_nodes)) | tensor_primals, key=order.__getitem__)
+    saved_syms = sorted(set(sym_nodes), key=order.__getitem__)
+    fw_gm, bw_gm = tp.extract_fwd_bwd(
+        gm,
+        saved_values,
+        saved_syms,
+        num_fwd_outputs=info.num_fwd_outputs,
+        static_lifetime_input_nodes=info.node_info.static_lifetime_input_nodes,
+    )
+    fw_gm, bw_gm = tp.finish_backward(fw_gm, bw_gm)
+    check_partition(info, fw_gm, bw_gm, save=save, recompute=recompute)
+    return fw_gm, bw_gm
+
+
+def check_partition(
+    info: JointGraphInfo,
+    fw_gm: fx.GraphModule,
+    bw_gm: fx.GraphModule,
+    *,
+    save: set[fx.Node],
+    recompute: set[fx.Node],
+) -> None:
+    """Fail loudly unless the saved set and the recomputed set are the plan's."""
+    got_saved = set(saved_names(bw_gm))
+    planned_saved = {n.name for n in save}
+    extra_saved = got_saved - planned_saved - {p.name for p in info.primals}
+    if extra_saved:
+        raise PlanMismatchError(f"the partition saves values the plan does not: {sorted(extra_saved)}")
+    fw_names = {n.name for n in info.fw_nodes}
+    got_recomputed = {n.name for n in bw_gm.graph.nodes if n.op == "call_function" and n.name in fw_names}
+    planned_recomputed = {n.name for n in recompute}
+    extra = got_recomputed - planned_recomputed
+    if extra:
+        raise PlanMismatchError(f"the backward recomputes values the plan does not: {sorted(extra)[:20]}")

@@ -1,0 +1,422 @@
+"""Tests for adacc_compiler.costs: free ops, roofline, measurement, disk cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from adacc_compiler import costs
+from adacc_compiler.costs import (
+    DEVICE_SPECS,
+    CostModel,
+    draws_random,
+    is_free,
+    node_bytes,
+    node_flops,
+    roofline_seconds,
+)
+
+aten = torch.ops.aten
+
+
+# A real op whose kernel raises while its fake implementation traces fine: the
+# situation of a kernel that cannot run on the measuring device.
+@torch.library.custom_op("adacc_test_costs::boom", mutates_args=())
+def _boom(x: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("boom: this kernel cannot run here")
+
+
+@_boom.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def trace(f, *inputs: torch.Tensor, mode: str = "fake") -> torch.fx.GraphModule:
+    return make_fx(f, tracing_mode=mode)(*inputs)
+
+
+def ops(gm: torch.fx.GraphModule, target=None) -> list[torch.fx.Node]:
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and (target is None or n.target == target)
+    ]
+
+
+def the(gm: torch.fx.GraphModule, target) -> torch.fx.Node:
+    found = ops(gm, target)
+    assert len(found) == 1, (target, found)
+    return found[0]
+
+
+# --------------------------------------------------------------------------- #
+# Free nodes
+# --------------------------------------------------------------------------- #
+
+
+def test_views_and_getitem_cost_zero_and_are_not_measured(tmp_path):
+    def f(x):
+        y = x.view(8, 16).t().unsqueeze(0).expand(3, 16, 8)
+        a, b = torch.split(x, 2)  # split + getitem
+        s = x[1:3].select(1, 0).detach().permute(0)
+        z = y.sum() + a.sum()  # two sums and an add that do cost
+        return z, b, s
+
+    gm = trace(f, torch.randn(4, 32))
+    targets = {n.target for n in ops(gm)}
+    for expected in (aten.view.default, aten.t.default, aten.expand.default, aten.split.Tensor):
+        assert expected in targets
+
+    cm = CostModel(profile=True, cache_dir=None)
+    result = cm.node_costs(gm.graph.nodes)
+    for node, cost in result.items():
+        if node.target in (aten.sum.default, aten.add.Tensor):
+            assert cost > 0, node
+        else:
+            assert cost == 0.0, node
+            assert is_free(node)
+    # Only the two reductions (of different shapes) and the add were run.
+    assert cm.stats["measured"] == 3
+    assert cm.stats["free"] == len(result) - 3
+
+
+def test_copies_and_in_place_ops_are_not_free():
+    def f(x):
+        y = x.clone()
+        y.add_(1)
+        return torch.ops.aten._unsafe_view(y, [64]), x.t().contiguous()
+
+    gm = trace(f, torch.randn(8, 8))
+    assert not is_free(the(gm, aten.add_.Tensor))  # returns an alias, but writes it
+    assert is_free(the(gm, aten._unsafe_view.default))
+    # clone(), and contiguous() of a transposed tensor (recorded as a clone), copy.
+    copying = ops(gm, aten.clone.default)
+    assert len(copying) == 2 and not any(is_free(n) for n in copying)
+
+
+def test_reshape_is_free_only_when_it_can_view():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    r = g.call_function(aten.reshape.default, (x, [64]))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        for val, free in ((torch.empty(8, 8), True), (torch.empty(8, 8).t(), False)):
+            x.meta["val"] = val
+            r.meta["val"] = torch.empty(64)
+            assert is_free(r) is free
+
+
+# --------------------------------------------------------------------------- #
+# Roofline
+# --------------------------------------------------------------------------- #
+
+
+def test_matmul_flops_bytes_and_roofline():
+    m, k, n = 48, 40, 24
+    gm = trace(torch.mm, torch.randn(m, k), torch.randn(k, n))
+    mm = the(gm, aten.mm.default)
+
+    assert node_flops(mm) == 2 * m * n * k
+    assert node_bytes(mm) == 4 * (m * k + k * n + m * n)
+    cpu = DEVICE_SPECS["cpu"]
+    expected = 2 * m * n * k / cpu.peak_flops(torch.float32) + node_bytes(mm) / cpu.bandwidth + cpu.overhead_s
+    assert roofline_seconds(mm, device_kind="cpu") == pytest.approx(expected)
+    assert expected == pytest.approx(2 * m * n * k / 1e11 + node_bytes(mm) / 2e10 + 5e-6)
+
+    gm16 = trace(torch.mm, torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16))
+    mm16 = the(gm16, aten.mm.default)
+    assert roofline_seconds(mm16, device_kind="cuda") == pytest.approx(
+        2 * m * n * k / 9.9e14 + 2 * (m * k + k * n + m * n) / 4.8e12 + 4e-6
+    )
+    # fp32 on cuda is an order of magnitude slower per FLOP than bf16.
+    assert DEVICE_SPECS["cuda"].peak_flops(torch.float32) == 6.7e13
+
+    with pytest.raises(ValueError, match="device_kind"):
+        roofline_seconds(mm, device_kind="tpu")
+
+
+def test_elementwise_has_no_flops_and_broadcast_inputs_read_once():
+    gm = trace(lambda x, b: x + b, torch.randn(64, 32), torch.randn(32))
+    add = the(gm, aten.add.Tensor)
+    assert node_flops(add) == 0
+    assert node_bytes(add) == 4 * (64 * 32 + 32) + 4 * 64 * 32
+
+    gm = trace(lambda x, b: x + b.expand(64, 32), torch.randn(64, 32), torch.randn(32))
+    add = the(gm, aten.add.Tensor)
+    assert node_bytes(add) == 4 * (64 * 32 + 32) + 4 * 64 * 32  # the stride-0 input is 32 floats
+    assert roofline_seconds(add, device_kind="cpu") == pytest.approx(node_bytes(add) / 2e10 + 5e-6)
+
+
+def test_symbolic_shapes_use_hints():
+    gm = trace(torch.mm, torch.randn(12, 10), torch.randn(10, 6), mode="symbolic")
+    mm = the(gm, aten.mm.default)
+    assert isinstance(mm.meta["val"].shape[0], torch.SymInt)
+    assert node_flops(mm) == 2 * 12 * 10 * 6
+    assert node_bytes(mm) == 4 * (12 * 10 + 10 * 6 + 12 * 6)
+
+    cm = CostModel(profile=True, cache_dir=None)
+    result = cm.node_costs(gm.graph.nodes)
+    assert result[mm] > 0
+    assert cm.stats["measured"] == 1 and cm.stats["measure_failed"] == 0
+    # sym_size nodes are bookkeeping.
+    assert all(v == 0 for n, v in result.items() if n is not mm)
+
+
+# --------------------------------------------------------------------------- #
+# Measurement
+# --------------------------------------------------------------------------- #
+
+
+def test_large_matmul_measures_slower_than_tiny_add():
+    def f(a, b, x, y):
+        return a @ b, x + y
+
+    gm = trace(f, torch.randn(384, 384), torch.randn(384, 384), torch.randn(4), torch.randn(4))
+    cm = CostModel(profile=True, cache_dir=None)
+    result = cm.node_costs(gm.graph.nodes)
+    mm, add = the(gm, aten.mm.default), the(gm, aten.add.Tensor)
+    assert cm.stats["measured"] == 2
+    assert cm.stats["measure_seconds"] > 0
+    # 113 MFLOP against 4 floats: orders of magnitude apart even on a busy machine.
+    assert result[mm] > 5 * result[add] > 0
+
+
+def test_identical_nodes_are_measured_once():
+    def f(a, b, c, d):
+        # Three adds of the same shapes (the repeated layers) and one of another.
+        return a + b, b + c, c + a, d + d
+
+    x = torch.randn(16, 16)
+    gm = trace(f, x, x.clone(), x.clone(), torch.randn(8))
+    adds = ops(gm, aten.add.Tensor)
+    assert len(adds) == 4
+    cm = CostModel(profile=True, cache_dir=None)
+    result = cm.node_costs(adds)
+    assert cm.stats["measured"] == 2
+    assert cm.stats["cache_hits"] == 2
+    assert result[adds[0]] == result[adds[1]] == result[adds[2]]
+    # Costing again in the same process measures nothing new.
+    cm.node_costs(adds)
+    assert cm.stats["measured"] == 2 and cm.stats["cache_hits"] == 6
+
+
+def test_index_ops_get_in_bounds_inputs():
+    def f(weight, ids, src):
+        return torch.embedding(weight, ids), torch.gather(src, 1, ids), src[ids[0]]
+
+    gm = trace(
+        f, torch.randn(1000, 16), torch.randint(0, 10, (4, 8)), torch.randn(4, 1000)
+    )
+    cm = CostModel(profile=True, cache_dir=None)
+    result = cm.node_costs(ops(gm))
+    assert cm.stats["measure_failed"] == 0
+    for target in (aten.embedding.default, aten.gather.default, aten.index.Tensor):
+        assert result[the(gm, target)] > 0
+
+
+def test_op_that_raises_falls_back_to_roofline_and_is_counted(caplog):
+    gm = trace(lambda x: torch.ops.adacc_test_costs.boom(x) * 2, torch.randn(32, 32))
+    boom = the(gm, torch.ops.adacc_test_costs.boom.default)
+    mul = the(gm, aten.mul.Tensor)
+
+    cm = CostModel(profile=True, cache_dir=None)
+    with caplog.at_level(logging.WARNING, logger="adacc_compiler.costs"):
+        result = cm.node_costs([boom, mul])
+    assert result[boom] == pytest.approx(roofline_seconds(boom, device_kind="cpu"))
+    assert result[boom] > 0
+    assert cm.stats["measure_failed"] == 1
+    assert cm.stats["roofline"] == 1
+    assert cm.stats["measured"] == 1  # the mul
+    assert "adacc_test_costs.boom" in caplog.text
+
+
+def test_failed_measurement_is_not_retried(monkeypatch):
+    gm = trace(lambda x: x.exp(), torch.randn(8))
+    exp = the(gm, aten.exp.default)
+    calls = []
+
+    def failing_time_call(fn, device):
+        calls.append(device)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(costs, "_time_call", failing_time_call)
+    cm = CostModel(profile=True, cache_dir=None)
+    assert cm.node_cost(exp) == pytest.approx(roofline_seconds(exp, device_kind="cpu"))
+    assert len(calls) == 1 and cm.stats["measure_failed"] == 1
+    cm.node_cost(exp)
+    assert len(calls) == 1 and cm.stats["measure_failed"] == 2
+
+
+def test_profile_false_never_runs_ops(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("profile=False must not run ops")
+
+    monkeypatch.setattr(costs, "_time_call", forbidden)
+    monkeypatch.setattr(costs, "_build_args", forbidden)
+    gm = trace(lambda a, b: (a @ b).relu().view(-1), torch.randn(16, 16), torch.randn(16, 16))
+    cm = CostModel(profile=False, cache_dir=None)
+    result = cm.node_costs(gm.graph.nodes)
+    for node, cost in result.items():
+        assert cost == pytest.approx(roofline_seconds(node, device_kind="cpu"))
+    assert result[the(gm, aten.mm.default)] > result[the(gm, aten.relu.default)] > 0
+    assert cm.stats["measured"] == 0 and cm.stats["measure_seconds"] == 0
+    assert cm.stats["roofline"] == 2
+
+
+def test_random_ops_get_roofline_and_leave_rng_alone():
+    def f(x, q):
+        y = torch.ops.aten.native_dropout(x, 0.5, True)[0]
+        a = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.0, True)[0]
+        return y, a
+
+    gm = trace(f, torch.randn(64), torch.randn(1, 2, 8, 4))
+    dropout = the(gm, aten.native_dropout.default)
+    sdpa = the(gm, aten._scaled_dot_product_flash_attention_for_cpu.default)
+    assert draws_random(dropout)
+    assert not draws_random(sdpa)  # tagged seeded for its dropout, which is 0 here
+
+    before = torch.get_rng_state()
+    cm = CostModel(profile=True, cache_dir=None)
+    result = cm.node_costs([dropout, sdpa])
+    assert torch.equal(before, torch.get_rng_state())
+    assert result[dropout] == pytest.approx(roofline_seconds(dropout, device_kind="cpu"))
+    assert result[sdpa] > 0
+    assert cm.stats["measured"] == 1 and cm.stats["roofline"] == 1
+
+
+def test_measures_real_tensors_under_an_active_fake_mode():
+    gm = trace(torch.mm, torch.randn(32, 32), torch.randn(32, 32))
+    cm = CostModel(profile=True, cache_dir=None)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        result = cm.node_costs(ops(gm))
+    assert cm.stats["measured"] == 1 and cm.stats["measure_failed"] == 0
+    assert result[the(gm, aten.mm.default)] > 0
+
+
+# --------------------------------------------------------------------------- #
+# Disk cache
+# --------------------------------------------------------------------------- #
+
+
+def _mlp_graph() -> torch.fx.GraphModule:
+    def f(x, w1, w2):
+        return (torch.relu(x @ w1) @ w2).sum()
+
+    return trace(f, torch.randn(32, 64), torch.randn(64, 128), torch.randn(128, 16))
+
+
+def test_disk_cache_round_trips(tmp_path):
+    cache = tmp_path / "nested" / "cache"
+    gm = _mlp_graph()
+    first = CostModel(profile=True, cache_dir=str(cache))
+    costs1 = first.node_costs(gm.graph.nodes)
+    n_costed = sum(1 for n in gm.graph.nodes if not is_free(n))
+    assert first.stats["measured"] == n_costed == 4  # mm, relu, mm, sum
+    files = os.listdir(cache)
+    assert files == ["op_costs.json"]  # no temp file left behind
+    entries = json.loads((cache / "op_costs.json").read_text())["entries"]
+    assert len(entries) == 4
+    assert any("aten.mm.default" in k and torch.__version__ in k for k in entries)
+
+    # A fresh model on the same directory (a new process) measures nothing.
+    second = CostModel(profile=True, cache_dir=str(cache))
+    costs2 = second.node_costs(_mlp_graph().graph.nodes)
+    assert second.stats["measured"] == 0
+    assert second.stats["cache_hits"] == 4
+    assert second.stats["measure_seconds"] == 0
+    assert sorted(costs2.values()) == sorted(costs1.values())
+
+
+def test_cache_keys_separate_shapes_and_writers_merge(tmp_path):
+    # Two models loaded before either wrote: like two processes sharing a cache.
+    a = CostModel(profile=True, cache_dir=str(tmp_path))
+    b = CostModel(profile=True, cache_dir=str(tmp_path))
+    a.node_costs(ops(trace(torch.mm, torch.randn(8, 8), torch.randn(8, 8))))
+    b.node_costs(ops(trace(torch.mm, torch.randn(8, 16), torch.randn(16, 8))))
+    assert b.stats["measured"] == 1 and b.stats["cache_hits"] == 0
+    entries = json.loads((tmp_path / "op_costs.json").read_text())["entries"]
+    assert len(entries) == 2  # b's write kept a's entry
+
+
+def test_corrupt_cache_is_ignored(tmp_path, caplog):
+    (tmp_path / "op_costs.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="adacc_compiler.costs"):
+        cm = CostModel(profile=True, cache_dir=str(tmp_path))
+    assert "unreadable" in caplog.text
+    cm.node_costs(ops(trace(torch.mm, torch.randn(8, 8), torch.randn(8, 8))))
+    assert cm.stats["measured"] == 1
+    assert len(json.loads((tmp_path / "op_costs.json").read_text())["entries"]) == 1
+
+
+# --------------------------------------------------------------------------- #
+# Joint graphs and input validation
+# --------------------------------------------------------------------------- #
+
+
+def test_aot_joint_graph_forward_nodes():
+    from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
+
+    captured: dict[str, torch.fx.GraphModule] = {}
+
+    def partition(joint, joint_inputs, **kwargs):
+        captured["joint"] = joint
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+    def f(x, w1, w2, g):
+        h = torch.nn.functional.silu(x @ w1)
+        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), g)
+        return (h @ w2).sum()
+
+    compiled = aot_function(f, fw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition)
+    inputs = [torch.randn(16, 32, requires_grad=True), torch.randn(32, 64, requires_grad=True),
+              torch.randn(64, 32, requires_grad=True), torch.randn(64, requires_grad=True)]
+    compiled(*inputs).backward()
+    joint = captured["joint"]
+
+    tangents = {n for n in joint.graph.nodes if n.op == "placeholder" and "tangent" in n.name}
+    backward: set[torch.fx.Node] = set(tangents)
+    for n in joint.graph.nodes:
+        if any(a in backward for a in n.all_input_nodes):
+            backward.add(n)
+    forward = [n for n in joint.graph.nodes if n not in backward and n.op != "output"]
+
+    cm = CostModel(profile=True, cache_dir=None)
+    result = cm.node_costs(forward)
+    assert set(result) == set(forward)
+    assert cm.stats["measure_failed"] == 0
+    assert all(result[n] > 0 for n in forward if n.target == aten.mm.default)
+    assert all(result[n] == 0 for n in forward if n.op == "placeholder")
+
+
+def test_bad_arguments_raise_value_error(tmp_path):
+    with pytest.raises(ValueError, match="profile"):
+        CostModel(profile="yes", cache_dir=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="device"):
+        CostModel(profile=True, cache_dir=None, device="not-a-device")
+    with pytest.raises(ValueError, match="device"):
+        CostModel(profile=False, cache_dir=None, device="meta")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="cache_dir"):
+        CostModel(profile=True, cache_dir=str(a_file))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available"):
+            CostModel(profile=True, cache_dir=None, device="cuda")
+        # The roofline needs no device.
+        CostModel(profile=False, cache_dir=None, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_measurement():
+    gm = trace(torch.mm, torch.randn(1024, 1024, device="cuda"), torch.randn(1024, 1024, device="cuda"))
+    cm = CostModel(profile=True, cache_dir=None)
+    mm = the(gm, aten.mm.default)
+    cost = cm.node_cost(mm)
+    assert cm.stats["measured"] == 1 and cm.stats["measure_failed"] == 0
+    # 2 GFLOP in fp32 (TF32 off by default): between 1 us and 100 ms on any GPU.
+    assert 1e-6 < cost < 0.1
