@@ -68,6 +68,8 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
+from adacc_compiler.passes.classify import draws_random
+
 __all__ = [
     "CostModel",
     "DeviceSpec",
@@ -306,27 +308,6 @@ def is_free(node: torch.fx.Node) -> bool:
         return True
     # Anything else is costed only if it produces tensors.
     return not _tensors_in(_val(node))
-
-
-def draws_random(node: torch.fx.Node) -> bool:
-    """Whether running ``node`` draws from the RNG.
-
-    True for ops tagged ``nondeterministic_seeded``, except attention kernels
-    called with ``dropout_p=0``: they carry the tag for their dropout alone.
-    """
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
-        return False
-    for i, arg in enumerate(target._schema.arguments):
-        if arg.name == "dropout_p":
-            if arg.name in node.kwargs:
-                p = node.kwargs[arg.name]
-            elif i < len(node.args):
-                p = node.args[i]
-            else:
-                p = arg.default_value
-            return not (isinstance(p, (int, float)) and p == 0)
-    return True
 
 
 # --------------------------------------------------------------------------- #

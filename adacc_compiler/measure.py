@@ -88,14 +88,13 @@ def saved_activation_bytes(
       * Storages whose ``data_ptr`` is 0 (empty) add 0 bytes.
       * Tensors without a plain storage (sparse, nested, subclasses) are
         counted as ``numel * element_size`` each, without de-duplication.
-      * Activation checkpointing (``torch.utils.checkpoint``,
-        ``use_reentrant=False``) installs its own saved-tensor hooks inside the
-        checkpointed region, so what the region would save is hidden from
-        this hook (correct: checkpointing does not keep it), while the
-        region's tensor inputs, which checkpointing saves through
-        ``ctx.save_for_backward`` before entering the region, are seen and
-        counted.  Reentrant checkpointing keeps its inputs on ``ctx``
-        directly and is not fully seen.
+      * Activation checkpointing (``torch.utils.checkpoint``) is measured
+        correctly: what a checkpointed region would save is not saved (the
+        non-reentrant variant hides it behind its own, inner saved-tensor
+        hooks; the reentrant one runs the region under no_grad), and the
+        region's tensor inputs, which checkpointing keeps through
+        ``ctx.save_for_backward``, are seen and counted (both variants;
+        checked in tests/test_measure.py).
     """
     excluded: set[int] = set()
     for t in exclude:

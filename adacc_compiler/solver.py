@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from adacc_compiler.passes.classify import JointGraphInfo
 from adacc_compiler.passes.liveness import Intervals, model_intervals
 
 log = logging.getLogger(__name__)
+
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
 
@@ -72,7 +74,13 @@ class SolveResult:
 class _Model:
     """Columns, logical rows and memory terms of one MILP, before HiGHS sees it."""
 
-    def __init__(self, info: JointGraphInfo, iv: Intervals, costs: dict[fx.Node, float], share: bool):
+    def __init__(
+        self,
+        info: JointGraphInfo,
+        iv: Intervals,
+        costs: dict[fx.Node, float],
+        share: bool,
+    ):
         self.info = info
         cand = info.candidates
         is_tensor = {c: isinstance(c.meta.get("val"), torch.Tensor) for c in cand}
@@ -153,14 +161,24 @@ class _Model:
                     rows.add((((self.keep_col[a], 1.0), (r, -1.0)), 0.0, math.inf))
                 elif a in self.save_col or a in self.rec_col:
                     terms = tuple((k, 1.0) for k in (self.save_col.get(a), self.rec_col.get(a)) if k is not None)
-                    if terms[0][0] == r or any(k == r for k, _ in terms):
-                        continue  # a shared column cannot depend on itself
                     rows.add((terms + ((r, -1.0),), 0.0, math.inf))
         for p, k in self.keep_col.items():
             if p in boundary:
                 rows.add((((k, 1.0),), 1.0, math.inf))
+        for c, w in iv.far_edges:
+            if c in self.rec_col and w in self.rec_col:
+                rows.add((((self.rec_col[c], 1.0), (self.rec_col[w], 1.0)), -math.inf, 1.0))
         assert not infeasible_reasons, f"boundary values with no way to be available: {infeasible_reasons}"
-        self.logical_rows = sorted(rows)
+        # Shared columns can repeat within a row; HiGHS wants each column once.
+        merged = set()
+        for terms, lo, hi in rows:
+            coef: dict[int, float] = {}
+            for k, c in terms:
+                coef[k] = coef.get(k, 0.0) + c
+            kept = tuple(sorted((k, c) for k, c in coef.items() if c != 0.0))
+            if kept:
+                merged.add((kept, lo, hi))
+        self.logical_rows = sorted(merged)
 
         # Memory terms: (column, bytes, start point, end point) on backward positions.
         terms: list[tuple[int, int, float, float]] = []
@@ -185,7 +203,21 @@ class _Model:
             if b >= a:
                 self.mem_terms.append((col, size, a, b))
 
+    def vector(self, save: set, recompute: set, keep: set) -> np.ndarray:
+        x = np.zeros(self.num_cols)
+        for c in save:
+            x[self.save_col[c]] = 1
+        for c in recompute:
+            x[self.rec_col[c]] = 1
+        for p in keep:
+            x[self.keep_col[p]] = 1
+        return x
+
+
     # -- evaluation helpers (greedy, warm start, fallback) --
+    def model_peak(self, x: np.ndarray) -> float:
+        return float(self.memory_profile(x).max(initial=0.0))
+
     def memory_profile(self, x: np.ndarray) -> np.ndarray:
         delta = np.zeros(len(self.points) + 1)
         for col, size, a, b in self.mem_terms:
@@ -300,10 +332,15 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
     val: list[float] = []
 
     def add_row(terms, lo, hi):
-        starts.append(len(idx))
+        # Shared columns can repeat within a row; HiGHS wants each column once.
+        coef: dict[int, float] = {}
         for k, c in terms:
-            idx.append(k)
-            val.append(c)
+            coef[k] = coef.get(k, 0.0) + c
+        starts.append(len(idx))
+        for k, c in coef.items():
+            if c != 0.0:
+                idx.append(k)
+                val.append(c)
         row_lo.append(-inf if lo == -math.inf else lo)
         row_hi.append(inf if hi == math.inf else hi)
 
@@ -320,7 +357,7 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
         add_row(terms, 0.0, 0.0)
         if minimise_peak:
             add_row([(n + k, 1.0), (ncols - 1, -1.0)], -inf, 0.0)
-    h.addRows(
+    status = h.addRows(
         len(row_lo),
         np.array(row_lo),
         np.array(row_hi),
@@ -329,6 +366,8 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
         np.array(idx, dtype=np.int32),
         np.array(val),
     )
+    if status != highspy.HighsStatus.kOk:
+        raise RuntimeError(f"adacc internal error: HiGHS rejected the model's rows ({status})")
     return h, ncols, len(row_lo), len(idx)
 
 
@@ -367,7 +406,6 @@ def solve_plan(
     time_limit: float,
     mip_gap: float,
     share_layers: bool,
-    refinement_rounds: int = 2,
 ) -> SolveResult:
     """Choose retain / recompute / drop for every candidate under ``budget_bytes``.
 
@@ -377,22 +415,24 @@ def solve_plan(
     implies, until the recompute set stops changing.
     """
     t0 = time.perf_counter()
-    iv = model_intervals(info)
+    iv = model_intervals(info, window=_window(info))
     res = _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, share_layers)
-    for _ in range(refinement_rounds):
-        iv = model_intervals(info, res.recompute)
-        try:
-            nxt = _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, share_layers)
-        except InfeasibleBudgetError:
-            # The refined intervals are stricter; keep the last plan and let the
-            # exact simulation of the partition judge it.
-            break
-        done = nxt.recompute == res.recompute
-        res = nxt
-        if done:
-            break
+    # Report the peak the plan implies on its own intervals (what the exact
+    # simulation of the partition will see, up to the schedule's details).
+    own = _Model(info, model_intervals(info, res.recompute), costs, False)
+    res.predicted_peak = int(own.model_peak(own.vector(res.save, res.recompute, res.keep_primals)))
     res.time_s = time.perf_counter() - t0
     return res
+
+
+def _window(info: JointGraphInfo) -> float:
+    """How far ahead of its first reader a recomputed value may be pulled.
+
+    Half a repeated layer's share of the backward: recompute chains stay
+    within a layer, as activation checkpointing's do.
+    """
+    layers = max(info.num_layers, 1)
+    return max(8.0, 0.5 * len(info.bw_nodes) / layers)
 
 
 def _solve_once(
@@ -410,7 +450,7 @@ def _solve_once(
     model = _Model(info, iv, costs, share_layers)
     budget = float(budget_bytes)
     greedy = _greedy(model, budget)
-    greedy_fits = greedy is not None and model.memory_profile(greedy).max(initial=0.0) <= budget
+    greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
     h, ncols, nrows, nnz = _build_highs(model, budget, minimise_peak=False)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
@@ -452,11 +492,12 @@ def _solve_once(
         bound = float("nan")
         gap = float("inf")
     if not model.logical_ok(x):
-        raise RuntimeError("adacc internal error: the MILP solution violates the availability constraints")
+        bad = [(t, lo, hi, [x[k] for k, _ in t]) for t, lo, hi in model.logical_rows if not (lo - 1e-9 <= sum(x[k] * c for k, c in t) <= hi + 1e-9)]
+        raise RuntimeError(f"adacc internal error: the MILP solution violates the availability constraints {bad[:3]} {status_name} {has_solution}")
     save = {c for c, k in model.save_col.items() if x[k] > 0.5}
     recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
     keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
-    peak = int(model.memory_profile(x).max(initial=0.0))
+    peak = int(model.model_peak(x))
     return SolveResult(
         save=save,
         recompute=recompute,

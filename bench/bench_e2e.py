@@ -516,7 +516,9 @@ def main(argv=None) -> int:
             "elapsed_s": elapsed,
         }
     )
-    stem = f"e2e_{args.model}{args.layers}{args.tag}"
+    # e2e_llama4, e2e_gpt2_4: a separator only where the name ends in a digit.
+    sep = "_" if args.model[-1:].isdigit() else ""
+    stem = f"e2e_{args.model}{sep}{args.layers}{args.tag}"
     paths = write_outputs(args.out, stem, rows, meta)
 
     print()

@@ -32,7 +32,7 @@ from adacc_compiler.passes import _torch as tp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JointGraphInfo", "analyze_joint_graph", "tensor_nbytes", "detect_layers", "storage_key"]
+__all__ = ["JointGraphInfo", "analyze_joint_graph", "tensor_nbytes", "detect_layers", "storage_key", "draws_random"]
 
 
 def tensor_nbytes(val: object) -> int:
@@ -56,9 +56,25 @@ def storage_key(node: fx.Node) -> object:
     return node
 
 
-def _is_random(node: fx.Node) -> bool:
+def draws_random(node: torch.fx.Node) -> bool:
+    """Whether running ``node`` draws from the RNG.
+
+    True for ops tagged ``nondeterministic_seeded``, except attention kernels
+    called with ``dropout_p=0``: they carry the tag for their dropout alone.
+    """
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    for i, arg in enumerate(target._schema.arguments):
+        if arg.name == "dropout_p":
+            if arg.name in node.kwargs:
+                p = node.kwargs[arg.name]
+            elif i < len(node.args):
+                p = node.args[i]
+            else:
+                p = arg.default_value
+            return not (isinstance(p, (int, float)) and p == 0)
+    return True
 
 
 def _not_recomputable_reason(node: fx.Node) -> str | None:
@@ -71,7 +87,7 @@ def _not_recomputable_reason(node: fx.Node) -> str | None:
         torch.utils.checkpoint.CheckpointPolicy.PREFER_SAVE,
     ):
         return "tagged save by the user"
-    if _is_random(node):
+    if draws_random(node):
         return "random op"
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
@@ -216,35 +232,30 @@ def analyze_joint_graph(
     return info
 
 
-def _signature(node: fx.Node, index: dict[fx.Node, int]) -> int:
-    """A translation-invariant fingerprint of a forward node's local structure.
-
-    Inputs are described by their distance back in the forward order, so the
-    same op wired the same way in two repeated blocks gets the same signature,
-    whatever the node names.
-    """
-    val = node.meta.get("val")
+def _describe(val: object) -> object:
     if isinstance(val, torch.Tensor):
-        out = (tuple(str(s) for s in val.shape), str(val.dtype))
-    elif isinstance(val, (list, tuple)):
-        out = tuple(
-            (tuple(str(s) for s in v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else type(v).__name__
-            for v in val
-        )
-    else:
-        out = type(val).__name__
-    args = []
-    for a in node.all_input_nodes:
-        if a in index:
-            args.append(("d", index[node] - index[a]))
-        else:
-            aval = a.meta.get("val")
-            shape = tuple(str(s) for s in aval.shape) if isinstance(aval, torch.Tensor) else None
-            args.append(("x", a.op, shape))
+        return (tuple(str(s) for s in val.shape), str(val.dtype))
+    if isinstance(val, (list, tuple)):
+        return tuple(_describe(v) for v in val)
+    return type(val).__name__
+
+
+def _signature(node: fx.Node) -> int:
+    """A name-free fingerprint of a forward node and the nodes it reads.
+
+    Inputs are described by what they are (op, shape, dtype), not by where
+    they are, so the same op wired the same way in two repeated blocks gets the
+    same signature even when it also reads values shared by all blocks (rotary
+    tables, masks) that sit at different distances from each block.
+    """
+    args = tuple(
+        (a.op, str(a.target) if a.op == "call_function" else "", _describe(a.meta.get("val")))
+        for a in node.all_input_nodes
+    )
     consts = tuple(
         repr(x) for x in (*node.args, *node.kwargs.values()) if not isinstance(x, (fx.Node, list, tuple))
     )
-    return hash((str(node.target), out, tuple(args), consts))
+    return hash((str(node.target), _describe(node.meta.get("val")), args, consts))
 
 
 def detect_layers(info: JointGraphInfo, *, min_period: int = 8) -> None:
@@ -259,8 +270,7 @@ def detect_layers(info: JointGraphInfo, *, min_period: int = 8) -> None:
     n = len(fw)
     if n < 2 * min_period:
         return
-    index = {node: i for i, node in enumerate(fw)}
-    sig = np.array([_signature(node, index) for node in fw], dtype=np.int64)
+    sig = np.array([_signature(node) for node in fw], dtype=np.int64)
     best = (0, 0, 0)  # (covered nodes, period, start)
     for period in range(min_period, n // 2 + 1):
         eq = sig[:-period] == sig[period:]

@@ -18,6 +18,7 @@ value's inputs are available).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -187,18 +188,32 @@ class Intervals:
     bytes_saved: dict[fx.Node, int]
     bytes_recomputed: dict[fx.Node, int]
     num_bw: int
+    # The recomputed user that pulled a value's head before its own first
+    # backward reader (only with a tentative recompute set).
+    puller: dict[fx.Node, fx.Node] = dataclasses.field(default_factory=dict)
+    # (value, user) pairs whose recomputation would pull the value's interval
+    # further than the window ahead of its first reader: the plan may not
+    # recompute both (see model_intervals).
+    far_edges: list[tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=list)
 
 
-def model_intervals(info: JointGraphInfo, recomputed: set[fx.Node] | None = None) -> Intervals:
-    """Backward intervals of every candidate under a tentative recompute set.
+def model_intervals(
+    info: JointGraphInfo, recomputed: set[fx.Node] | None = None, *, window: float | None = None
+) -> Intervals:
+    """Backward intervals of every candidate.
 
-    A value must exist from the earliest moment something reads it: a backward
-    node, or the recomputation of a forward user. Which users are recomputed is
-    the MILP's decision, so the intervals are computed for a tentative set and
-    refined (see :func:`adacc_compiler.solver.solve_plan`). With
-    ``recomputed=None`` (the first round) the head of an interval comes from
-    direct backward readers only, except for values nothing reads directly,
-    whose interval comes from their users.
+    A recomputed value must exist from the earliest moment something reads it:
+    a backward node, or the recomputation of a forward user. Which users are
+    recomputed is the MILP's choice, so:
+
+    * with a tentative ``recomputed`` set the intervals are those of that plan
+      (used to judge a plan on its own terms);
+    * without one (the MILP's model), every user rebuilt at most ``window``
+      backward positions ahead of the value's first reader is assumed to pull
+      it (conservative), and users further ahead are *far*: recomputing both
+      the value and such a user is ruled out (``far_edges``), so long recompute
+      chains never make the model optimistic. Values nothing in the backward
+      reads directly take their users' intervals.
     """
     num_bw = len(info.bw_nodes)
     cand = set(info.candidates)
@@ -208,6 +223,9 @@ def model_intervals(info: JointGraphInfo, recomputed: set[fx.Node] | None = None
     last_r: dict[fx.Node, float] = {}
     b_s: dict[fx.Node, int] = {}
     b_r: dict[fx.Node, int] = {}
+    puller: dict[fx.Node, fx.Node] = {}
+    far: list[tuple[fx.Node, fx.Node]] = []
+    recomputable = cand - set(info.not_recomputable)
     for c in reversed(info.candidates):
         first = math.inf
         final = -1.0
@@ -224,17 +242,40 @@ def model_intervals(info: JointGraphInfo, recomputed: set[fx.Node] | None = None
                 direct = True
             elif u in cand:
                 users.append(u)
-        head_users = users if recomputed is None else [u for u in users if u in recomputed]
+        # Tail: a user rebuilt in the backward reads this value when it is
+        # rebuilt. Users sit later in the forward, so earlier in the backward:
+        # counting all of them rarely lengthens the interval.
         tail = final
-        for u in head_users:
-            if need[u] == math.inf:
-                continue
-            if recomputed is not None or not direct:
-                first = min(first, need[u])
-            tail = max(tail, need[u])
-            if is_alias(u):
-                # The view keeps this storage alive for as long as it lives.
+        for u in users:
+            if need[u] != math.inf:
+                tail = max(tail, need[u])
+            if is_alias(u) and last_r[u] >= 0:
+                # A view keeps this storage alive for as long as it lives.
                 tail = max(tail, last_r[u])
+        # Head: the earliest reader. Recomputed users pull it earlier; without
+        # a tentative set, only a value with no direct reader takes its users'.
+        if recomputed is not None:
+            pulling = [u for u in users if u in recomputed]
+            if not pulling and not direct:
+                pulling = users
+        elif window is None:
+            pulling = users
+        else:
+            # A value nothing reads directly is measured from its latest user.
+            ref = first if direct else max((need[u] for u in users if need[u] != math.inf), default=math.inf)
+            pulling = []
+            for u in users:
+                if need[u] == math.inf:
+                    continue
+                if need[u] >= ref - window:
+                    pulling.append(u)
+                elif u in recomputable and c in recomputable:
+                    far.append((c, u))
+        for u in pulling:
+            if need[u] < first:
+                first = need[u]
+                if recomputed is not None:
+                    puller[c] = u
         need[c] = first - _CHAIN_STEP if first != math.inf else math.inf
         last_s[c] = tail
         last_r[c] = tail
@@ -245,5 +286,12 @@ def model_intervals(info: JointGraphInfo, recomputed: set[fx.Node] | None = None
         else:
             b_s[c] = b_r[c] = size
     return Intervals(
-        need=need, last_saved=last_s, last_recomputed=last_r, bytes_saved=b_s, bytes_recomputed=b_r, num_bw=num_bw
+        need=need,
+        last_saved=last_s,
+        last_recomputed=last_r,
+        bytes_saved=b_s,
+        bytes_recomputed=b_r,
+        num_bw=num_bw,
+        puller=puller,
+        far_edges=far,
     )

@@ -293,3 +293,25 @@ def test_interleaved_failing_variant_is_reported():
 def test_interleaved_unknown_baseline():
     with pytest.raises(KeyError):
         interleaved_step_ratios({"a": lambda: None}, baseline="b", rounds=1)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_saved_bytes_activation_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    x = torch.randn(16, 64, requires_grad=True)
+    exclude = [*lin.parameters(), x]
+
+    def region(h):
+        return torch.tanh(lin(torch.relu(h)))
+
+    plain = saved_activation_bytes(lambda: region(x * 2).sum(), exclude=exclude)
+    ckpt = saved_activation_bytes(
+        lambda: checkpoint(region, x * 2, use_reentrant=reentrant).sum(), exclude=exclude
+    )
+    # Plain: relu output (also the linear's input) and tanh output.
+    assert plain == 2 * 16 * 64 * F32
+    # Checkpointed: only the region's input x*2.
+    assert ckpt == 16 * 64 * F32
