@@ -258,7 +258,7 @@ def _signature(node: fx.Node) -> int:
     return hash((str(node.target), _describe(node.meta.get("val")), args, consts))
 
 
-def detect_layers(info: JointGraphInfo, *, min_period: int = 8) -> None:
+def detect_layers(info: JointGraphInfo, *, min_period: int = 4) -> None:
     """Find the repeated block in the forward by its structure.
 
     Looks for the period P whose shifted signature sequence matches over the

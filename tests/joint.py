@@ -48,3 +48,31 @@ def capture_joint_graphs(fn: Callable[[], torch.Tensor], module: torch.nn.Module
     for gm, inputs, kwargs in list(_CAPTURED):
         out.append((tp.prepare_joint_graph(gm), inputs, kwargs))
     return out
+
+
+def trace_joint(fn: Callable[..., torch.Tensor], *args: torch.Tensor, static: tuple[int, ...] = ()):
+    """Trace ``fn(*args)`` (returning a scalar loss) into a prepared joint graph, without Inductor.
+
+    Returns ``(joint graph, joint inputs, partitioner kwargs)``; ``static`` lists
+    the argument positions that are parameters (static-lifetime inputs).
+    """
+    from functorch.compile import make_boxed_compiler
+    from torch._functorch.aot_autograd import aot_function
+
+    @make_boxed_compiler
+    def run_as_is(gm, _inputs):
+        return gm
+
+    captured: list = []
+
+    def partition(gm, joint_inputs, **kwargs):
+        from adacc_compiler.backend import _copy_graph_module
+
+        kwargs = {**kwargs, "static_lifetime_input_indices": list(static)}
+        captured.append((tp.prepare_joint_graph(_copy_graph_module(gm)), joint_inputs, kwargs))
+        return tp.default_partition(gm, joint_inputs, num_fwd_outputs=kwargs["num_fwd_outputs"])
+
+    compiled = aot_function(fn, fw_compiler=run_as_is, bw_compiler=run_as_is, partition_fn=partition)
+    compiled(*args).backward()
+    assert len(captured) == 1
+    return captured[0]
