@@ -39,6 +39,9 @@ from adacc_compiler.passes.liveness import Intervals, model_intervals
 
 log = logging.getLogger(__name__)
 
+# A far-pull segment ends just before the value's own interval starts.
+_PULL_EPS = 1e-7
+
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
 
@@ -98,19 +101,23 @@ class _Model:
             return self.num_cols - 1
 
         # Which nodes may share a column with their layer-0 twin.
-        template: dict[tuple[int, int], fx.Node] = {}
-        if share and info.num_layers > 1:
+        # The first and last repeated layers keep their own decisions: the last
+        # one's backward runs at the memory peak, the first one's at the end.
+        template: dict[int, fx.Node] = {}
+        if share and info.num_layers > 3:
             for node, (layer, slot) in info.layer_of.items():
-                if layer == 0:
+                if layer == 1:
                     template[slot] = node
-            self.shared_layers = info.num_layers
+            self.shared_layers = info.num_layers - 2
 
         def twin(c: fx.Node) -> fx.Node | None:
             if not template or c not in info.layer_of:
                 return None
             layer, slot = info.layer_of[c]
             t = template.get(slot)
-            if layer == 0 or t is None or t not in self.save_col and t not in self.rec_col:
+            if layer in (0, 1, info.num_layers - 1) or t is None:
+                return None
+            if t not in self.save_col and t not in self.rec_col:
                 return None
             return t
 
@@ -165,9 +172,7 @@ class _Model:
         for p, k in self.keep_col.items():
             if p in boundary:
                 rows.add((((k, 1.0),), 1.0, math.inf))
-        for c, w in iv.far_edges:
-            if c in self.rec_col and w in self.rec_col:
-                rows.add((((self.rec_col[c], 1.0), (self.rec_col[w], 1.0)), -math.inf, 1.0))
+
         assert not infeasible_reasons, f"boundary values with no way to be available: {infeasible_reasons}"
         # Shared columns can repeat within a row; HiGHS wants each column once.
         merged = set()
@@ -182,6 +187,8 @@ class _Model:
 
         # Memory terms: (column, bytes, start point, end point) on backward positions.
         terms: list[tuple[int, int, float, float]] = []
+        extra_rows: list[tuple[list[tuple[int, float]], float, float]] = []
+        self.pull_cols: set[int] = set()
         for c in self.relevant:
             if c in self.save_col and iv.bytes_saved.get(c, 0) and iv.last_saved[c] >= 0:
                 terms.append((self.save_col[c], iv.bytes_saved[c], -1.0, iv.last_saved[c]))
@@ -194,6 +201,37 @@ class _Model:
                 + [0.0]
             )
             terms.append((k, info.nbytes.get(p, 0), -1.0, last))
+        # Far pulls: a value rebuilt for a user recomputed long before the
+        # value's own first reader lives from that rebuild on. Per value, the
+        # far users sorted by rebuild time give segments; z[j] ("alive in
+        # segment j") is forced by any pair (value, user i <= j) recomputed.
+        self.pull_fill: list[tuple[int, int, int, int | None]] = []  # z, r_c, r_w, z_prev
+        far_by_value: dict[fx.Node, list[fx.Node]] = {}
+        for c, w in iv.far_edges:
+            if c in self.rec_col and w in self.rec_col and iv.bytes_recomputed.get(c, 0):
+                far_by_value.setdefault(c, []).append(w)
+        for c, users in far_by_value.items():
+            users.sort(key=lambda w: iv.need[w])
+            bounds = [iv.need[w] for w in users] + [iv.need[c]]
+            prev = None
+            for j, w in enumerate(users):
+                z = new_col(0.0)
+                self.pull_cols.add(z)
+                terms_z = [(z, 1.0), (self.rec_col[c], -1.0), (self.rec_col[w], -1.0)]
+                extra_rows.append((terms_z, -1.0, math.inf))
+                if prev is not None:
+                    extra_rows.append(([(z, 1.0), (prev, -1.0)], 0.0, math.inf))
+                self.pull_fill.append((z, self.rec_col[c], self.rec_col[w], prev))
+                if bounds[j + 1] > bounds[j]:
+                    terms.append((z, iv.bytes_recomputed[c], bounds[j], bounds[j + 1] - _PULL_EPS))
+                prev = z
+        for row_terms, lo, hi in extra_rows:
+            coef: dict[int, float] = {}
+            for k, v in row_terms:
+                coef[k] = coef.get(k, 0.0) + v
+            kept = tuple(sorted((k, v) for k, v in coef.items() if v != 0.0))
+            if kept:
+                self.logical_rows.append((kept, lo, hi))
         points = sorted({-1.0} | {t[2] for t in terms})
         self.points = points
         self.mem_terms = []
@@ -219,6 +257,8 @@ class _Model:
         return float(self.memory_profile(x).max(initial=0.0))
 
     def memory_profile(self, x: np.ndarray) -> np.ndarray:
+        for z, rc, rw, prev in self.pull_fill:
+            x[z] = 1.0 if (x[rc] > 0.5 and x[rw] > 0.5) or (prev is not None and x[prev] > 0.5) else 0.0
         delta = np.zeros(len(self.points) + 1)
         for col, size, a, b in self.mem_terms:
             if x[col] > 0.5:
@@ -323,7 +363,8 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
         costs[:n] = np.array(model.col_cost) * 1e-6
     ncols = len(costs)
     h.addCols(ncols, costs, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
-    h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.full(n, highspy.HighsVarType.kInteger))
+    integer = np.array([k for k in range(n) if k not in model.pull_cols], dtype=np.int32)
+    h.changeColsIntegrality(len(integer), integer, np.full(len(integer), highspy.HighsVarType.kInteger))
 
     row_lo: list[float] = []
     row_hi: list[float] = []
@@ -426,13 +467,15 @@ def solve_plan(
 
 
 def _window(info: JointGraphInfo) -> float:
-    """How far ahead of its first reader a recomputed value may be pulled.
+    """How far ahead of its first reader a value is assumed pulled without charge.
 
-    Half a repeated layer's share of the backward: recompute chains stay
-    within a layer, as activation checkpointing's do.
+    Pulls within the window are counted conservatively (always); longer ones
+    are charged exactly, per pair, only when the pair is recomputed. A few
+    percent of a layer's share of the backward keeps the model both close to
+    the exact simulation and small.
     """
     layers = max(info.num_layers, 1)
-    return max(8.0, 0.5 * len(info.bw_nodes) / layers)
+    return max(2.0, 0.03 * len(info.bw_nodes) / layers)
 
 
 def _solve_once(

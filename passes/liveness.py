@@ -192,8 +192,8 @@ class Intervals:
     # backward reader (only with a tentative recompute set).
     puller: dict[fx.Node, fx.Node] = dataclasses.field(default_factory=dict)
     # (value, user) pairs whose recomputation would pull the value's interval
-    # further than the window ahead of its first reader: the plan may not
-    # recompute both (see model_intervals).
+    # further than the window ahead of its first reader; the MILP charges the
+    # extra lifetime only when both are recomputed (see model_intervals).
     far_edges: list[tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=list)
 
 
@@ -210,10 +210,10 @@ def model_intervals(
       (used to judge a plan on its own terms);
     * without one (the MILP's model), every user rebuilt at most ``window``
       backward positions ahead of the value's first reader is assumed to pull
-      it (conservative), and users further ahead are *far*: recomputing both
-      the value and such a user is ruled out (``far_edges``), so long recompute
-      chains never make the model optimistic. Values nothing in the backward
-      reads directly take their users' intervals.
+      it (conservative), and users further ahead are *far* (``far_edges``):
+      the MILP charges the value's bytes from such a user's rebuild onwards
+      only when both are recomputed. Values nothing in the backward reads
+      directly are measured from their latest user.
     """
     num_bw = len(info.bw_nodes)
     cand = set(info.candidates)

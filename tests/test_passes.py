@@ -172,7 +172,7 @@ def test_shared_layers_share_decisions(blocks_graph):
     iv = model_intervals(info, window=S._window(info))
     shared = S._Model(info, iv, _unit_costs(info), True)
     alone = S._Model(info, iv, _unit_costs(info), False)
-    assert shared.shared_layers == info.num_layers
+    assert shared.shared_layers == info.num_layers - 2
     assert shared.num_cols < alone.num_cols
 
 
