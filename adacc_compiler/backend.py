@@ -251,7 +251,7 @@ def plan_and_partition(
             )
             raise InfeasibleBudgetError(
                 f"adacc: memory_budget={config.memory_budget!r} ({budget} bytes) is infeasible for {graph_id}; "
-                f"the smallest feasible budget for this graph is {smallest} bytes{frac}",
+                f"the smallest budget adacc finds feasible for this graph is {smallest} bytes{frac}",
                 min_feasible_bytes=smallest,
                 budget_bytes=budget,
             ) from None

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # A far-pull segment ends just before the value's own interval starts.
 _PULL_EPS = 1e-7
+# Head times may sit this far below the modelled head (rounding of chain steps).
+_HEAD_SLACK = 1e-3
 
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
@@ -83,6 +85,8 @@ class _Model:
         iv: Intervals,
         costs: dict[fx.Node, float],
         share: bool,
+        *,
+        exact_heads: bool = False,
     ):
         self.info = info
         cand = info.candidates
@@ -225,6 +229,51 @@ class _Model:
                 if bounds[j + 1] > bounds[j]:
                     terms.append((z, iv.bytes_recomputed[c], bounds[j], bounds[j + 1] - _PULL_EPS))
                 prev = z
+        # Two far links in a row (a value pulled by a user that is itself
+        # pulled far ahead) would be charged only from the middle user's own
+        # head: such chains are ruled out, so the charge stays exact.
+        far_users = {c: set(ws) for c, ws in far_by_value.items()}
+        for c, ws in far_users.items():
+            for w in ws:
+                for w2 in far_users.get(w, ()):
+                    extra_rows.append(
+                        ([(self.rec_col[c], 1.0), (self.rec_col[w], 1.0), (self.rec_col[w2], 1.0)], -math.inf, 2.0)
+                    )
+        # Head times keep the model exact: h[c] (when c is rebuilt) must lie
+        # before every recomputed user's head, at or before c's first reader,
+        # and no earlier than the head the intervals above account for. A
+        # recompute chain that would pull a value further is thereby ruled out.
+        big = float(iv.num_bw + 2)
+        self.head_col: dict[fx.Node, int] = {}
+        self.head_bounds: list[tuple[int, float, float]] = []
+        lower = dict(iv.need)
+        for c, users in far_by_value.items():
+            lower[c] = min(lower[c], min(iv.need[w] for w in users))
+        first_reader = {}
+        for c in self.relevant:
+            if c in self.rec_col and iv.need[c] != math.inf:
+                direct = [float(info.bw_pos[u]) for u in c.users if u in info.bw_pos]
+                first_reader[c] = min(direct) if direct else big
+        if not exact_heads:
+            first_reader = {}
+        for c in sorted(first_reader, key=lambda n: -info.order[n]):
+            k = new_col(0.0)
+            self.pull_cols.add(k)
+            self.head_col[c] = k
+            self.head_bounds.append((k, lower[c] - _HEAD_SLACK, first_reader[c]))
+        self.head_order = [(self.head_col[c], self.rec_col[c], [self.head_col[w] for w in c.users if w in self.head_col],
+                            [self.rec_col[w] for w in c.users if w in self.head_col], first_reader[c])
+                           for c in sorted(first_reader, key=lambda n: -info.order[n])]
+        for c, hc in self.head_col.items():
+            sc = self.save_col.get(c)
+            for w in c.users:
+                if w not in self.head_col:
+                    continue
+                # h[c] - h[w] + big * r[w] - big * s[c] <= big
+                terms_h = [(hc, 1.0), (self.head_col[w], -1.0), (self.rec_col[w], big)]
+                if sc is not None:
+                    terms_h.append((sc, -big))
+                extra_rows.append((terms_h, -math.inf, big))
         for row_terms, lo, hi in extra_rows:
             coef: dict[int, float] = {}
             for k, v in row_terms:
@@ -257,6 +306,9 @@ class _Model:
         return float(self.memory_profile(x).max(initial=0.0))
 
     def memory_profile(self, x: np.ndarray) -> np.ndarray:
+        for hc, rc, user_heads, user_recs, first in self.head_order:
+            pulled = [x[h] for h, r in zip(user_heads, user_recs) if x[r] > 0.5]
+            x[hc] = min([first, *pulled]) if x[rc] > 0.5 else first
         for z, rc, rw, prev in self.pull_fill:
             x[z] = 1.0 if (x[rc] > 0.5 and x[rw] > 0.5) or (prev is not None and x[prev] > 0.5) else 0.0
         delta = np.zeros(len(self.points) + 1)
@@ -267,6 +319,10 @@ class _Model:
         return np.cumsum(delta)[:-1]
 
     def logical_ok(self, x: np.ndarray) -> bool:
+        self.memory_profile(x)  # fills the derived columns
+        for k, lo, hi in self.head_bounds:
+            if x[k] < lo - 1e-9 or x[k] > hi + 1e-9:
+                return False
         for terms, lo, hi in self.logical_rows:
             v = sum(x[k] * c for k, c in terms)
             if v < lo - 1e-9 or v > hi + 1e-9:
@@ -361,6 +417,9 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
         upper = np.concatenate([upper, [inf]])
         # Tie-break toward cheap plans among the smallest-peak ones.
         costs[:n] = np.array(model.col_cost) * 1e-6
+    for k, lo, hi in model.head_bounds:
+        lower[k] = lo
+        upper[k] = hi
     ncols = len(costs)
     h.addCols(ncols, costs, lower, upper, 0, np.array([], dtype=np.int32), np.array([], dtype=np.int32), np.array([]))
     integer = np.array([k for k in range(n) if k not in model.pull_cols], dtype=np.int32)
@@ -422,21 +481,25 @@ def _warm_start(h, model: _Model, x: np.ndarray, extra: list[float] | None = Non
     h.setSolution(sol)
 
 
-def min_feasible_budget(model: _Model, *, time_limit: float) -> tuple[int, int]:
-    """The smallest peak any plan reaches (best found, proven lower bound)."""
+def _min_peak_solution(model: _Model, *, time_limit: float) -> tuple[np.ndarray, float]:
+    """The plan with the smallest peak in the model (ties broken by time), and the solver's bound."""
     import highspy
 
     h, _, _, _ = _build_highs(model, math.inf, minimise_peak=True)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 1e-3)
     h.run()
-    status = h.getModelStatus()
-    if status in (highspy.HighsModelStatus.kOptimal,) or h.getInfo().primal_solution_status == 2:
-        sol = np.array(h.getSolution().col_value[: model.num_cols])
-        best = int(model.memory_profile(np.round(sol)).max(initial=0.0))
-        bound = int(h.getInfo().mip_dual_bound)
-        return best, min(bound, best)
-    raise RuntimeError(f"adacc: could not compute the smallest feasible budget ({h.modelStatusToString(status)})")
+    if h.getInfo().primal_solution_status != 2:
+        status = h.modelStatusToString(h.getModelStatus())
+        raise RuntimeError(f"adacc: could not compute the smallest feasible budget ({status})")
+    x = np.round(np.array(h.getSolution().col_value[: model.num_cols]))
+    return x, float(h.getInfo().mip_dual_bound)
+
+
+def own_peak(info: JointGraphInfo, costs, save: set, recompute: set, keep: set) -> int:
+    """The peak a plan implies on its own intervals (what its partition's simulation sees)."""
+    own = _Model(info, model_intervals(info, recompute), costs, False)
+    return int(own.model_peak(own.vector(save, recompute, keep)))
 
 
 def solve_plan(
@@ -447,23 +510,69 @@ def solve_plan(
     time_limit: float,
     mip_gap: float,
     share_layers: bool,
+    max_rounds: int = 4,
 ) -> SolveResult:
     """Choose retain / recompute / drop for every candidate under ``budget_bytes``.
 
-    The memory intervals depend on which values are recomputed (a value must
-    exist from the moment a recomputed user is rebuilt), so the MILP is solved
-    on first-round intervals and re-solved on the intervals its own plan
-    implies, until the recompute set stops changing.
+    The MILP's intervals charge recompute chains one link at a time, so a plan
+    is then judged on the intervals it implies itself; if that peak overflows,
+    the MILP's target is lowered by the overflow and it is solved again. When
+    no round fits, the smallest-peak plan is used if it fits; otherwise the
+    budget is infeasible and the error states the smallest peak reached.
     """
     t0 = time.perf_counter()
     iv = model_intervals(info, window=_window(info))
-    res = _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, share_layers)
-    # Report the peak the plan implies on its own intervals (what the exact
-    # simulation of the partition will see, up to the schedule's details).
-    own = _Model(info, model_intervals(info, res.recompute), costs, False)
-    res.predicted_peak = int(own.model_peak(own.vector(res.save, res.recompute, res.keep_primals)))
-    res.time_s = time.perf_counter() - t0
-    return res
+    target = budget_bytes
+    res = None
+    for _ in range(max_rounds):
+        try:
+            res = _solve_once(info, iv, costs, target, time_limit, mip_gap, share_layers)
+        except _ModelInfeasible:
+            break
+        res.predicted_peak = own_peak(info, costs, res.save, res.recompute, res.keep_primals)
+        log.debug("MILP target %d: own-interval peak %d (budget %d)", target, res.predicted_peak, budget_bytes)
+        if res.predicted_peak <= budget_bytes:
+            res.time_s = time.perf_counter() - t0
+            return res
+        target -= res.predicted_peak - budget_bytes
+        if target <= 0:
+            break
+    # Fall back to the smallest-peak plan of the exact-head model, whose
+    # predictions hold for every plan it admits.
+    model = _Model(info, iv, costs, False, exact_heads=True)
+    x, bound = _min_peak_solution(model, time_limit=time_limit)
+    save = {c for c, k in model.save_col.items() if x[k] > 0.5}
+    recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
+    keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
+    smallest = own_peak(info, costs, save, recompute, keep)
+    if smallest > budget_bytes:
+        raise InfeasibleBudgetError(
+            f"memory budget of {budget_bytes} bytes is infeasible; the smallest budget adacc finds feasible is "
+            f"{smallest} bytes",
+            min_feasible_bytes=smallest,
+            budget_bytes=budget_bytes,
+        )
+    return SolveResult(
+        save=save,
+        recompute=recompute,
+        keep_primals=keep,
+        status="smallest-peak plan",
+        objective_s=float(sum(costs.get(c, 0.0) for c in recompute)),
+        bound_s=float("nan"),
+        gap=float("inf"),
+        time_s=time.perf_counter() - t0,
+        num_columns=res.num_columns if res else model.num_cols,
+        num_rows=res.num_rows if res else len(model.logical_rows),
+        num_nonzeros=res.num_nonzeros if res else 0,
+        shared_layers=0,
+        warm_start=False,
+        fallback="no MILP round fitted on its own intervals; the smallest-peak plan fits",
+        predicted_peak=smallest,
+    )
+
+
+class _ModelInfeasible(Exception):
+    """The MILP (with its current target) has no solution."""
 
 
 def _window(info: JointGraphInfo) -> float:
@@ -516,12 +625,7 @@ def _solve_once(
                 f"adacc: HiGHS stopped without a plan ({status_name}) and the greedy plan does not fit; "
                 f"raise solver_time_limit (now {time_limit} s)"
             )
-        best, bound = min_feasible_budget(model, time_limit=time_limit)
-        raise InfeasibleBudgetError(
-            f"memory budget of {budget_bytes} bytes is infeasible; the smallest feasible budget is {best} bytes",
-            min_feasible_bytes=best,
-            budget_bytes=budget_bytes,
-        )
+        raise _ModelInfeasible()
     if has_solution:
         x = np.round(np.array(h.getSolution().col_value[: model.num_cols]))
         objective = float(hinfo.objective_function_value)
