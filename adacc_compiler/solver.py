@@ -537,14 +537,20 @@ def solve_plan(
         target -= res.predicted_peak - budget_bytes
         if target <= 0:
             break
-    # Fall back to the smallest-peak plan of the exact-head model, whose
-    # predictions hold for every plan it admits.
-    model = _Model(info, iv, costs, False, exact_heads=True)
-    x, bound = _min_peak_solution(model, time_limit=time_limit)
-    save = {c for c, k in model.save_col.items() if x[k] > 0.5}
-    recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
-    keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
-    smallest = own_peak(info, costs, save, recompute, keep)
+    # Fall back to the smallest-peak plan: from the exact-head model (whose
+    # predictions hold for every plan it admits) or from the MILP's own model,
+    # whichever peaks lower on its own intervals.
+    best = None
+    for exact in (True, False):
+        model = _Model(info, iv, costs, False, exact_heads=exact)
+        x, _ = _min_peak_solution(model, time_limit=time_limit)
+        save = {c for c, k in model.save_col.items() if x[k] > 0.5}
+        recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
+        keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
+        peak = own_peak(info, costs, save, recompute, keep)
+        if best is None or peak < best[0]:
+            best = (peak, save, recompute, keep, model)
+    smallest, save, recompute, keep, model = best
     if smallest > budget_bytes:
         raise InfeasibleBudgetError(
             f"memory budget of {budget_bytes} bytes is infeasible; the smallest budget adacc finds feasible is "
