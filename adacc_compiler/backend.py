@@ -132,10 +132,15 @@ class AdaccPartitioner(CustomPartitionerFn):
     def __init__(self, config: AdaccConfig) -> None:
         self.config = config
         self._cost_model = None
+        # The plan also depends on measured costs and, later, on statistics
+        # gathered while training, none of which a cache key made before the
+        # partitioner runs can see. A per-compile nonce makes Inductor's
+        # AOTAutograd cache miss even when TORCHINDUCTOR_AUTOGRAD_CACHE=1
+        # forces it on, so every compile plans for its own budget.
+        self._nonce = os.urandom(16)
 
     def uuid(self) -> bytes:
-        # Changes with the code and with every option that shapes the plan.
-        return hashlib.sha256(_code_version() + self.config.fingerprint().encode()).digest()
+        return hashlib.sha256(_code_version() + self.config.fingerprint().encode() + self._nonce).digest()
 
     def _costs(self):
         if self._cost_model is None:
