@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -39,6 +40,8 @@ __all__ = ["adacc_backend", "AdaccPartitioner", "CompiledGraph", "compiled_graph
 # which only absorbs rounding in the byte counts.
 _BUDGET_RTOL = 1e-6
 _MAX_TIGHTENING_ROUNDS = 4
+# Margin on the smallest feasible budget an infeasibility error states.
+_SMALLEST_HEADROOM = 0.05
 
 
 class BudgetExceededError(RuntimeError):
@@ -55,6 +58,8 @@ class CompiledGraph:
     plan_timeline: MemoryTimeline
     config: AdaccConfig
     dump_path: str | None = None
+    forward_graph: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+    backward_graph: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
 
 
 _history: collections.deque[CompiledGraph] = collections.deque(maxlen=256)
@@ -248,9 +253,12 @@ def plan_and_partition(
                 share_layers=config.share_layers,
             )
         except InfeasibleBudgetError as err:
-            # The model's minimum, shifted by how much the model under-predicted so far.
+            # The smallest peak found, shifted by how much the model under-predicted
+            # so far, with headroom for the solver's time limit (the search for
+            # the smallest peak is a MILP too, and may stop at a slightly
+            # different plan in another process).
             shift = budget - target
-            smallest = err.min_feasible_bytes + shift
+            smallest = int(math.ceil((err.min_feasible_bytes + shift) * (1 + _SMALLEST_HEADROOM)))
             frac = (
                 f" ({smallest / stock_peak:.3f} of stock Inductor's peak of {stock_peak} bytes)" if stock_peak else ""
             )
@@ -357,7 +365,7 @@ def plan_and_partition(
     if log.isEnabledFor(logging.DEBUG):
         log.debug("adacc %s decisions:\n%s", graph_id, plan.table())
 
-    record = CompiledGraph(graph_id, plan, stock_tl, plan_tl, config)
+    record = CompiledGraph(graph_id, plan, stock_tl, plan_tl, config, forward_graph=fw_gm, backward_graph=bw_gm)
     if config.dump_dir:
         from adacc_compiler.dump import write_dumps
 

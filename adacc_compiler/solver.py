@@ -130,8 +130,10 @@ class _Model:
         boundary = set(info.boundary)
         for c in self.relevant:
             t = twin(c)
-            can_save = is_tensor[c]
             can_rec = c not in info.not_recomputable
+            # A view of a parameter is rebuilt for free; saved, Inductor may
+            # materialise it as a copy that the plan would not have counted.
+            can_save = is_tensor[c] and not (can_rec and c in info.param_aliases)
             if t is not None and (can_save == (t in self.save_col)) and (can_rec == (t in self.rec_col)) and (
                 (c in boundary) == (t in boundary)
             ):

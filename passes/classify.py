@@ -123,6 +123,7 @@ class JointGraphInfo:
     not_recomputable: dict[fx.Node, str]  # candidate -> reason
     nbytes: dict[fx.Node, int]
     bw_pos: dict[fx.Node, int]  # backward node -> index in the backward schedule
+    param_aliases: set[fx.Node] = field(default_factory=set)  # views of parameters
     layer_of: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # -> (layer, slot)
     num_layers: int = 0
     layer_period: int = 0
@@ -198,9 +199,15 @@ def analyze_joint_graph(
     # activation memory whether it is saved or not.
     param_storages = {storage_key(p) for p in param_primals}
     nbytes = {}
+    param_aliases = set()
     for c in [*candidates, *primals]:
         val = c.meta.get("val")
-        nbytes[c] = 0 if storage_key(c) in param_storages else tensor_nbytes(val)
+        if storage_key(c) in param_storages:
+            nbytes[c] = 0
+            if c.op == "call_function":
+                param_aliases.add(c)
+        else:
+            nbytes[c] = tensor_nbytes(val)
 
     info = JointGraphInfo(
         gm=gm,
@@ -216,6 +223,7 @@ def analyze_joint_graph(
         not_recomputable=not_recomputable,
         nbytes=nbytes,
         bw_pos=bw_pos,
+        param_aliases=param_aliases,
     )
     detect_layers(info)
     log.debug(

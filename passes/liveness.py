@@ -45,6 +45,28 @@ def _storage_nbytes(node: fx.Node) -> int:
     return tensor_nbytes(val)
 
 
+def _is_broadcast_view(node: fx.Node) -> bool:
+    """A view with a stride-0 dimension (an expand).
+
+    Inductor materialises such a value when a graph returns it, so a saved
+    broadcast view costs its dense size in a storage of its own.
+    """
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or node.op != "call_function":
+        return False
+    try:
+        return any(st == 0 and sz != 1 for st, sz in zip(val.stride(), val.shape))
+    except Exception:
+        return False
+
+
+def saved_storage(node: fx.Node) -> tuple[object, int]:
+    """(storage identity, bytes) of a value the forward saves for the backward."""
+    if _is_broadcast_view(node):
+        return node, tensor_nbytes(node.meta.get("val"))
+    return storage_key(node), _storage_nbytes(node)
+
+
 def saved_names(bw_gm: fx.GraphModule) -> list[str]:
     """Names of the values the backward receives from the forward, in order."""
     return [n.name for n in bw_gm.graph.find_nodes(op="placeholder") if not tp._is_tangent(n)]
@@ -81,11 +103,11 @@ def simulate_partition(
     saved_keys: dict[object, int] = {}
     for n in fw_events:
         if n.name in saved and isinstance(n.meta.get("val"), torch.Tensor):
-            key = storage_key(n)
-            if key in param_keys:
+            if storage_key(n) in param_keys:
                 continue
-            saved_keys[key] = first_alloc[key]
-            size[key] = max(size.get(key, 0), _storage_nbytes(n))
+            key, nbytes = saved_storage(n)
+            saved_keys[key] = first_alloc.get(key, first_alloc[storage_key(n)])
+            size[key] = max(size.get(key, 0), nbytes)
     starts = sorted(saved_keys.items(), key=lambda kv: kv[1])
     total = 0
     k = 0
@@ -113,9 +135,9 @@ def simulate_partition(
         is_recomputed = n.op == "call_function" and n.name in forward_names
         if not (is_saved or is_recomputed) or not isinstance(n.meta.get("val"), torch.Tensor):
             continue
-        key = storage_key(n)
-        if key in param_keys:
+        if storage_key(n) in param_keys:
             continue
+        key, nbytes = saved_storage(n) if is_saved else (storage_key(n), _storage_nbytes(n))
         start = -1 if is_saved else pos[n]
         end = max((pos[u] for u in n.users if u.op != "output"), default=start)
         if any(u.op == "output" for u in n.users):
@@ -123,7 +145,7 @@ def simulate_partition(
         iv = intervals.setdefault(key, [start, end])
         iv[0] = min(iv[0], start)
         iv[1] = max(iv[1], end)
-        bw_size[key] = max(bw_size.get(key, 0), _storage_nbytes(n))
+        bw_size[key] = max(bw_size.get(key, 0), nbytes)
     delta = [0] * (len(bw_nodes) + 2)
     base = 0
     for key, (start, end) in intervals.items():
@@ -281,7 +303,7 @@ def model_intervals(
         last_r[c] = tail
         size = info.nbytes.get(c, 0)
         if size and is_alias(c):
-            b_s[c] = _storage_nbytes(c)
+            b_s[c] = saved_storage(c)[1]
             b_r[c] = 0
         else:
             b_s[c] = b_r[c] = size
