@@ -1,0 +1,100 @@
+"""MILP size and solve time on a Hugging Face Llama joint graph.
+
+    python bench/bench_solver.py --layers 12 --budgets 0.7 0.5 --out bench/results/
+
+Captures the joint forward+backward graph stock Inductor's partitioner
+receives (same joint passes), then runs adacc's planner on it at each budget:
+the MILP's size, HiGHS's status, objective, bound and gap, the wall time of
+the whole solve (refinement rounds included), the peak the plan implies, and
+the peak of the exact simulation of its partition. Costs come from the
+roofline (``profile=False``) so the numbers do not depend on timing noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--time-limit", type=float, default=10.0)
+    parser.add_argument("--gap", type=float, default=0.01)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from models import llama
+    from tests.joint import capture_joint_graphs
+
+    from adacc_compiler.backend import stock_partition
+    from adacc_compiler.costs import CostModel
+    from adacc_compiler.passes.classify import analyze_joint_graph
+    from adacc_compiler.passes.liveness import simulate_partition
+    from adacc_compiler.passes.recompute import partition_with_plan
+    from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
+
+    model, batch = llama(args.layers)
+    t0 = time.perf_counter()
+    (gm, inputs, kw), = capture_joint_graphs(lambda m: m(**batch).loss, model)
+    capture_s = time.perf_counter() - t0
+    info = analyze_joint_graph(gm, num_fwd_outputs=kw["num_fwd_outputs"],
+                               static_lifetime_input_indices=kw["static_lifetime_input_indices"])
+    fw, bw = stock_partition(gm, inputs, num_fwd_outputs=kw["num_fwd_outputs"],
+                             static_lifetime_input_indices=kw["static_lifetime_input_indices"])
+    names = {n.name for n in info.fw_nodes}
+    stock = simulate_partition(fw, bw, param_names=info.param_primal_names, forward_names=names)
+    costs = CostModel(profile=False, cache_dir=None).node_costs(
+        [c for c in info.candidates if c not in info.not_recomputable]
+    )
+    rows = []
+    print(f"llama {args.layers} layers: {len(gm.graph.nodes)} joint nodes, {len(info.fw_nodes)} forward, "
+          f"{len(info.bw_nodes)} backward, {len(info.candidates)} candidates, {info.num_layers} repeated layers "
+          f"of {info.layer_period} nodes; stock peak {stock.peak / 2**20:.2f} MiB (capture {capture_s:.0f} s)")
+    header = f"{'budget':>6} {'status':>18} {'cols':>6} {'rows':>6} {'nnz':>7} {'shared':>6} {'gap':>7} {'solve s':>8} {'plan peak':>10} {'sim peak':>9}"
+    print(header)
+    for fraction in args.budgets:
+        budget = int(fraction * stock.peak)
+        try:
+            res = solve_plan(info, costs, budget_bytes=budget, time_limit=args.time_limit, mip_gap=args.gap,
+                             share_layers=True)
+        except InfeasibleBudgetError as err:
+            print(f"{fraction:6.2f} infeasible: {err}")
+            rows.append({"budget": fraction, "status": "infeasible", "error": str(err)})
+            continue
+        pfw, pbw = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
+        sim = simulate_partition(pfw, pbw, param_names=info.param_primal_names, forward_names=names)
+        row = {
+            "budget": fraction, "budget_bytes": budget, "status": res.status, "columns": res.num_columns,
+            "rows": res.num_rows, "nonzeros": res.num_nonzeros, "shared_layers": res.shared_layers,
+            "gap": res.gap, "solve_s": res.time_s, "objective_s": res.objective_s,
+            "plan_peak": res.predicted_peak, "simulated_peak": sim.peak, "fallback": res.fallback,
+        }
+        rows.append(row)
+        print(f"{fraction:6.2f} {res.status:>18} {res.num_columns:6d} {res.num_rows:6d} {res.num_nonzeros:7d} "
+              f"{res.shared_layers:6d} {100 * res.gap:6.2f}% {res.time_s:8.2f} {res.predicted_peak / 2**20:9.2f}M "
+              f"{sim.peak / 2**20:8.2f}M")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"solver_llama{args.layers}.json")
+        with open(path, "w") as f:
+            json.dump({"layers": args.layers, "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
+                                                          "torch": torch.__version__},
+                       "stock_peak": stock.peak, "rows": rows}, f, indent=2)
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
