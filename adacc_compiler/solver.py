@@ -87,6 +87,7 @@ class _Model:
         share: bool,
         *,
         exact_heads: bool = False,
+        banned_pairs: Sequence[tuple[fx.Node, fx.Node]] = (),
     ):
         self.info = info
         cand = info.candidates
@@ -276,6 +277,11 @@ class _Model:
                 if sc is not None:
                     terms_h.append((sc, -big))
                 extra_rows.append((terms_h, -math.inf, big))
+        # Pairs whose recompute pulled a value past what the model accounts
+        # for, found by judging earlier plans on their own intervals.
+        for c, w in banned_pairs:
+            if c in self.rec_col and w in self.rec_col:
+                extra_rows.append(([(self.rec_col[c], 1.0), (self.rec_col[w], 1.0)], -math.inf, 1.0))
         for row_terms, lo, hi in extra_rows:
             coef: dict[int, float] = {}
             for k, v in row_terms:
@@ -512,7 +518,7 @@ def solve_plan(
     time_limit: float,
     mip_gap: float,
     share_layers: bool,
-    max_rounds: int = 4,
+    max_rounds: int = 8,
 ) -> SolveResult:
     """Choose retain / recompute / drop for every candidate under ``budget_bytes``.
 
@@ -525,17 +531,44 @@ def solve_plan(
     t0 = time.perf_counter()
     iv = model_intervals(info, window=_window(info))
     target = budget_bytes
+    banned: list[tuple[fx.Node, fx.Node]] = []
     res = None
+    last_bans = 0
     for _ in range(max_rounds):
         try:
-            res = _solve_once(info, iv, costs, target, time_limit, mip_gap, share_layers)
+            res = _solve_once(info, iv, costs, target, time_limit, mip_gap, share_layers, banned)
         except _ModelInfeasible:
-            break
-        res.predicted_peak = own_peak(info, costs, res.save, res.recompute, res.keep_primals)
+            if not last_bans or res is None:
+                break
+            # The bans left no plan: lift them and lower the target instead.
+            del banned[len(banned) - last_bans :]
+            last_bans = 0
+            target -= res.predicted_peak - budget_bytes
+            if target <= 0:
+                break
+            continue
+        own_iv = model_intervals(info, res.recompute)
+        own = _Model(info, own_iv, costs, False)
+        profile = own.memory_profile(own.vector(res.save, res.recompute, res.keep_primals))
+        res.predicted_peak = int(profile.max(initial=0.0))
         log.debug("MILP target %d: own-interval peak %d (budget %d)", target, res.predicted_peak, budget_bytes)
         if res.predicted_peak <= budget_bytes:
             res.time_s = time.perf_counter() - t0
             return res
+        # Ban the pulls that put values alive where the plan overflows; lower
+        # the target only when there is nothing left to ban.
+        over = [own.points[k] for k in range(len(own.points)) if profile[k] > budget_bytes]
+        new = []
+        for c in res.recompute:
+            w = own_iv.puller.get(c)
+            if w is None or own_iv.need[c] >= iv.need.get(c, math.inf):
+                continue
+            if any(own_iv.need[c] <= t <= own_iv.last_recomputed[c] for t in over) and (c, w) not in banned:
+                new.append((c, w))
+        last_bans = len(new)
+        if new:
+            banned.extend(new)
+            continue
         target -= res.predicted_peak - budget_bytes
         if target <= 0:
             break
@@ -603,11 +636,12 @@ def _solve_once(
     time_limit: float,
     mip_gap: float,
     share_layers: bool,
+    banned: Sequence[tuple[fx.Node, fx.Node]] = (),
 ) -> SolveResult:
     import highspy
 
     t0 = time.perf_counter()
-    model = _Model(info, iv, costs, share_layers)
+    model = _Model(info, iv, costs, share_layers, banned_pairs=banned)
     budget = float(budget_bytes)
     greedy = _greedy(model, budget)
     greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
@@ -627,7 +661,7 @@ def _solve_once(
         if share_layers and model.shared_layers:
             # Shared layer decisions can rule out a plan that exists per node.
             log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
-            return _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, False)
+            return _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned)
         if status != highspy.HighsModelStatus.kInfeasible:
             raise RuntimeError(
                 f"adacc: HiGHS stopped without a plan ({status_name}) and the greedy plan does not fit; "
