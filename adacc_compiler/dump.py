@@ -207,6 +207,7 @@ def _plan_header(plan: Plan) -> str:
         f"graph:                    {plan.graph_id}",
         f"budget:                   {format_bytes(plan.budget_bytes)} ({plan.budget_bytes} B)",
         f"stock saved for backward: {format_bytes(plan.stock_saved_bytes)} ({plan.stock_saved_bytes} B)",
+        f"stock activation peak:    {format_bytes(plan.stock_peak_bytes)} ({plan.stock_peak_bytes} B)",
         f"plan saved for backward:  {format_bytes(plan.predicted_saved_bytes)} "
         f"({plan.predicted_saved_bytes} B; {format_bytes(saved_delta)} vs stock)",
         f"fixed saved inputs:       {format_bytes(plan.fixed_saved_bytes)}",
@@ -260,6 +261,7 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
         "num_candidates": len(plan.decisions),
         "budget_bytes": plan.budget_bytes,
         "stock_saved_bytes": plan.stock_saved_bytes,
+        "stock_peak_bytes": plan.stock_peak_bytes,
         "predicted_saved_bytes": plan.predicted_saved_bytes,
         "saved_bytes_reduction": plan.stock_saved_bytes - plan.predicted_saved_bytes,
         "fixed_saved_bytes": plan.fixed_saved_bytes,

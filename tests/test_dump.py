@@ -57,6 +57,7 @@ def _plan() -> Plan:
         graph_id=GRAPH_ID,
         budget_bytes=3 * MiB // 2,
         stock_saved_bytes=2 * MiB,
+        stock_peak_bytes=2 * MiB + 8192,
         predicted_saved_bytes=MiB,
         predicted_peak_bytes=MiB + 4096,
         estimated_overhead_s=4.5e-6,
