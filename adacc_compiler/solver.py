@@ -76,6 +76,14 @@ class SolveResult:
     predicted_peak: int
 
 
+def _merge(terms) -> tuple[tuple[int, float], ...]:
+    """Sum repeated columns of a row (shared columns repeat; HiGHS wants each once)."""
+    coef: dict[int, float] = {}
+    for k, c in terms:
+        coef[k] = coef.get(k, 0.0) + c
+    return tuple(sorted((k, c) for k, c in coef.items() if c != 0.0))
+
+
 class _Model:
     """Columns, logical rows and memory terms of one MILP, before HiGHS sees it."""
 
@@ -181,16 +189,7 @@ class _Model:
                 rows.add((((k, 1.0),), 1.0, math.inf))
 
         assert not infeasible_reasons, f"boundary values with no way to be available: {infeasible_reasons}"
-        # Shared columns can repeat within a row; HiGHS wants each column once.
-        merged = set()
-        for terms, lo, hi in rows:
-            coef: dict[int, float] = {}
-            for k, c in terms:
-                coef[k] = coef.get(k, 0.0) + c
-            kept = tuple(sorted((k, c) for k, c in coef.items() if c != 0.0))
-            if kept:
-                merged.add((kept, lo, hi))
-        self.logical_rows = sorted(merged)
+        self.logical_rows = sorted({(kept, lo, hi) for terms, lo, hi in rows if (kept := _merge(terms))})
 
         # Memory terms: (column, bytes, start point, end point) on backward positions.
         terms: list[tuple[int, int, float, float]] = []
@@ -283,11 +282,7 @@ class _Model:
             if c in self.rec_col and w in self.rec_col:
                 extra_rows.append(([(self.rec_col[c], 1.0), (self.rec_col[w], 1.0)], -math.inf, 1.0))
         for row_terms, lo, hi in extra_rows:
-            coef: dict[int, float] = {}
-            for k, v in row_terms:
-                coef[k] = coef.get(k, 0.0) + v
-            kept = tuple(sorted((k, v) for k, v in coef.items() if v != 0.0))
-            if kept:
+            if kept := _merge(row_terms):
                 self.logical_rows.append((kept, lo, hi))
         points = sorted({-1.0} | {t[2] for t in terms})
         self.points = points
@@ -440,15 +435,10 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
     val: list[float] = []
 
     def add_row(terms, lo, hi):
-        # Shared columns can repeat within a row; HiGHS wants each column once.
-        coef: dict[int, float] = {}
-        for k, c in terms:
-            coef[k] = coef.get(k, 0.0) + c
         starts.append(len(idx))
-        for k, c in coef.items():
-            if c != 0.0:
-                idx.append(k)
-                val.append(c)
+        for k, c in _merge(terms):
+            idx.append(k)
+            val.append(c)
         row_lo.append(-inf if lo == -math.inf else lo)
         row_hi.append(inf if hi == math.inf else hi)
 
