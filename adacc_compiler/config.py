@@ -97,7 +97,7 @@ class AdaccConfig:
     cache_dir: str = dataclasses.field(default_factory=_default_cache_dir)
     dump_dir: str | None = None
     solver_time_limit: float = 10.0
-    solver_mip_gap: float = 0.01
+    solver_mip_gap: float = 0.02
     share_layers: bool = True
     verify: bool = True
 

@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--time-limit", type=float, default=10.0)
-    parser.add_argument("--gap", type=float, default=0.01)
+    parser.add_argument("--gap", type=float, default=0.02)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
