@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from adacc_compiler.passes.classify import JointGraphInfo
-from adacc_compiler.passes.liveness import Intervals, model_intervals
+from adacc_compiler.passes.liveness import Intervals, _is_broadcast_view, model_intervals
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ class _Model:
         for c in self.relevant:
             t = twin(c)
             can_rec = c not in info.not_recomputable
-            # A view of a parameter is rebuilt for free; saved, Inductor may
-            # materialise it as a copy that the plan would not have counted.
-            can_save = is_tensor[c] and not (can_rec and c in info.param_aliases)
+            # Views of parameters and broadcast views (expand) are rebuilt for
+            # free; saved, Inductor may or may not materialise them, so their
+            # saved size is not known in advance. Their bases are saved instead.
+            can_save = is_tensor[c] and not (can_rec and (c in info.param_aliases or _is_broadcast_view(c)))
             if t is not None and (can_save == (t in self.save_col)) and (can_rec == (t in self.rec_col)) and (
                 (c in boundary) == (t in boundary)
             ):

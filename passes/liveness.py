@@ -48,8 +48,9 @@ def _storage_nbytes(node: fx.Node) -> int:
 def _is_broadcast_view(node: fx.Node) -> bool:
     """A view with a stride-0 dimension (an expand).
 
-    Inductor materialises such a value when a graph returns it, so a saved
-    broadcast view costs its dense size in a storage of its own.
+    Inductor may materialise such a value when a graph returns it, so a saved
+    broadcast view is counted at its dense size in a storage of its own (the
+    planner never chooses to save one; this covers partitions it does not make).
     """
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or node.op != "call_function":
