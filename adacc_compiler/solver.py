@@ -5,6 +5,7 @@ Model (one joint graph):
 * Binary columns per candidate value ``c``: ``save[c]`` (the forward saves it)
   and ``recompute[c]`` (the backward rebuilds it); neither means it is dropped.
   Non-parameter primals get a ``keep[p]`` column (saving an input holds it).
+  Views of parameters and broadcast views are never saved (rebuilt for free).
 * Every boundary value (read by the backward) is saved or recomputed.
 * A recomputed value needs each input available: saved, recomputed,
   a parameter, or a kept input. ``save + recompute <= 1``.
@@ -13,12 +14,20 @@ Model (one joint graph):
   live from the end of the forward. A running total ``m_k`` over the interval
   start points (O(N + T) non-zeros) is bounded by the budget at every point:
   the budget bounds the peak of live activation memory, not the saved sum.
+* A recomputed value must exist from the moment its earliest recomputed user
+  is rebuilt. Pulls within a small window are counted conservatively; longer
+  ones ("far" pairs) get continuous segment columns charged only when both
+  ends are recomputed; two far links in a chain are ruled out.
 * Objective: the summed time of the recomputed ops (seconds per step).
-* Structurally identical layers share one decision vector (the same columns);
-  the memory rows stay exact.
+* Structurally identical layers share one decision vector (the same columns;
+  first and last layer excepted); the memory rows stay exact.
 
-HiGHS gets a time limit, a relative gap and a warm start from a greedy plan;
-when it stops without a solution the greedy plan is the fallback, if it fits.
+:func:`solve_plan` judges each solution on the intervals it implies itself
+(which track the exact simulation of its partition). An overflowing plan gets
+the pairs that caused it banned, or the target lowered, and is solved again;
+if no round fits, the smallest-peak plan is the fallback, and when even that
+overflows the budget is reported infeasible with the smallest peak found.
+HiGHS gets a time limit, a relative gap and a warm start from a greedy plan.
 """
 
 from __future__ import annotations

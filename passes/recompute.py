@@ -10,14 +10,15 @@ Decisions are recorded in ``node.meta["adacc"]`` on the joint graph.
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from adacc_compiler.passes import _torch as tp
 from adacc_compiler.passes.classify import JointGraphInfo
-from adacc_compiler.passes.liveness import saved_names
+from adacc_compiler.passes.liveness import dependency_graph, saved_names
 from adacc_compiler.plan import DROP, RECOMPUTE, RETAIN
 
-__all__ = ["tag_plan", "partition_with_plan", "PlanMismatchError"]
+__all__ = ["tag_plan", "partition_with_plan", "check_closed", "check_partition", "PlanMismatchError"]
 
 
 class PlanMismatchError(RuntimeError):
@@ -36,6 +37,7 @@ def partition_with_plan(
     recompute: set[fx.Node],
     keep_primals: set[fx.Node],
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    check_closed(info, save=save, recompute=recompute, keep_primals=keep_primals)
     gm = info.gm
     order = info.order
     needs = set(info.bw_nodes) | recompute
@@ -63,6 +65,26 @@ def partition_with_plan(
     fw_gm, bw_gm = tp.finish_backward(fw_gm, bw_gm)
     check_partition(info, fw_gm, bw_gm, save=save, recompute=recompute)
     return fw_gm, bw_gm
+
+
+def check_closed(
+    info: JointGraphInfo, *, save: set[fx.Node], recompute: set[fx.Node], keep_primals: set[fx.Node]
+) -> None:
+    """Every value the backward reads, or rebuilds from, must be available to it."""
+    graph = dependency_graph(info)
+    available = {n.name for n in save | recompute | keep_primals} | {p.name for p in info.param_primals}
+    available |= {n.name for n in info.candidates if tp.is_sym_node(n)}
+    available |= {p.name for p in info.primals if tp.is_sym_node(p)}
+    missing = {}
+    for node in recompute:
+        lacking = [a for a in graph.predecessors(node.name) if a not in available]
+        if lacking:
+            missing[node.name] = lacking
+    for node in info.boundary:
+        if node.name not in available and isinstance(node.meta.get("val"), torch.Tensor):
+            missing[node.name] = ["(read by the backward)"]
+    if missing:
+        raise PlanMismatchError(f"the plan leaves values unavailable to the backward: {dict(list(missing.items())[:10])}")
 
 
 def check_partition(

@@ -249,3 +249,16 @@ def test_model_never_underestimates_random_closed_plans(blocks_graph):
         tl = simulate_partition(fw, bw, param_names=info.param_primal_names,
                                 forward_names={n.name for n in info.fw_nodes})
         assert predicted >= 0.98 * tl.peak
+
+
+def test_unclosed_plan_is_rejected(mlp_graph):
+    """Recomputing a value whose inputs are neither saved nor recomputed is an error."""
+    from adacc_compiler.passes.recompute import check_closed
+
+    info = _info(mlp_graph)
+    res = S.solve_plan(info, _unit_costs(info), budget_bytes=10**9, time_limit=10, mip_gap=0.0, share_layers=False)
+    check_closed(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
+    # Recompute the GELU input from nothing: its matmul input is no longer available.
+    gelu_input = next(n for n in info.boundary if n.name == "mm")
+    with pytest.raises(PlanMismatchError, match="unavailable"):
+        check_closed(info, save=res.save - {gelu_input}, recompute={gelu_input}, keep_primals=set())
