@@ -292,6 +292,7 @@ def plan_and_partition(
     tag_plan(info, res.save, res.recompute)
 
     decisions = []
+    boundary = set(info.boundary)
     for c in info.candidates:
         val = c.meta.get("val")
         if not isinstance(val, torch.Tensor):
@@ -307,7 +308,7 @@ def plan_and_partition(
                 choice=choice,
                 cost_s=float(costs.get(c, 0.0)),
                 layer=info.layer_of.get(c, (None, None))[0],
-                needed_by_backward=c in set(info.boundary),
+                needed_by_backward=c in boundary,
             )
         )
     fixed = sum(info.nbytes.get(p, 0) for p in res.keep_primals)

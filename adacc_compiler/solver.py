@@ -167,9 +167,10 @@ class _Model:
                 self.save_col[c] = new_col(0.0)
             if can_rec:
                 self.rec_col[c] = new_col(costs.get(c, 0.0))
+        relevant = set(self.relevant)
         for p in info.primals:
             if p not in info.param_primals and isinstance(p.meta.get("val"), torch.Tensor):
-                if any(u in set(self.relevant) or u in info.bw_pos for u in p.users):
+                if any(u in relevant or u in info.bw_pos for u in p.users):
                     self.keep_col[p] = new_col(0.0)
 
         # Logical rows: list of (indices, coefs, lower, upper). Shared columns make

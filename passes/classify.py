@@ -148,7 +148,8 @@ def analyze_joint_graph(
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     primals = [n for n in nodes if n.op == "placeholder" and tp._is_primal(n)]
-    param_primals = {p for i, p in enumerate(primals) if i in set(static)}
+    static_set = set(static)
+    param_primals = {p for i, p in enumerate(primals) if i in static_set}
 
     # Backward nodes: the tangents' closure plus whatever must run in the backward.
     backward: set[fx.Node] = set()

@@ -47,7 +47,7 @@ def partition_with_plan(
     sym_nodes = [
         n
         for n in gm.graph.nodes
-        if (n.op == "placeholder" and tp._is_primal(n) or n in set(info.fw_nodes)) and tp.is_sym_node(n)
+        if (n.op == "placeholder" and tp._is_primal(n) or info.is_fw(n)) and tp.is_sym_node(n)
     ]
     tensor_primals = {p for p in primals_needed if not tp.is_sym_node(p)}
     missing = {p for p in tensor_primals if p not in info.param_primals and p not in keep_primals}
