@@ -682,8 +682,10 @@ def _solve_once(
         bound = float("nan")
         gap = float("inf")
     if not model.logical_ok(x):
-        bad = [(t, lo, hi, [x[k] for k, _ in t]) for t, lo, hi in model.logical_rows if not (lo - 1e-9 <= sum(x[k] * c for k, c in t) <= hi + 1e-9)]
-        raise RuntimeError(f"adacc internal error: the MILP solution violates the availability constraints {bad[:3]} {status_name} {has_solution}")
+        raise RuntimeError(
+            f"adacc internal error: the {'MILP' if has_solution else 'greedy'} plan ({status_name}) violates "
+            "the availability constraints"
+        )
     save = {c for c, k in model.save_col.items() if x[k] > 0.5}
     recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
     keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
