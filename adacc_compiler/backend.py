@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from adacc_compiler.config import AdaccConfig
-from adacc_compiler.plan import DROP, RECOMPUTE, RETAIN, Decision, MemoryTimeline, Plan, SolverSummary
+from adacc_compiler.plan import DROP, RECOMPUTE, RETAIN, Decision, MemoryTimeline, Plan
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def plan_and_partition(
     """Analyse, plan, split and verify one prepared joint graph."""
     from adacc_compiler.passes import _torch as tp
     from adacc_compiler.passes.classify import analyze_joint_graph
-    from adacc_compiler.passes.liveness import simulate_partition
+    from adacc_compiler.passes.liveness import simulate
     from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
 
@@ -219,12 +219,10 @@ def plan_and_partition(
         index = next(_counter)
     graph_id = f"graph_{index:03d}_{hashlib.sha1(gm.code.encode()).hexdigest()[:6]}"
 
-    param_names = info.param_primal_names
-    forward_names = {n.name for n in info.fw_nodes}
     fw_stock, bw_stock = stock_partition(
         gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
     )
-    stock_tl = simulate_partition(fw_stock, bw_stock, param_names=param_names, forward_names=forward_names)
+    stock_tl = simulate(info, fw_stock, bw_stock)
     stock_saved = stock_tl.saved_bytes
     # A fractional budget is relative to stock Inductor's own peak of live
     # activation memory (what it saves plus what its backward recomputes): the
@@ -269,7 +267,7 @@ def plan_and_partition(
                 budget_bytes=budget,
             ) from None
         fw_gm, bw_gm = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
-        plan_tl = simulate_partition(fw_gm, bw_gm, param_names=param_names, forward_names=forward_names)
+        plan_tl = simulate(info, fw_gm, bw_gm)
         attempts.append((target, res.predicted_peak, plan_tl.peak))
         if not config.verify or plan_tl.peak <= budget * (1 + _BUDGET_RTOL):
             break
@@ -312,19 +310,7 @@ def plan_and_partition(
             )
         )
     fixed = sum(info.nbytes.get(p, 0) for p in res.keep_primals)
-    solver = SolverSummary(
-        status=res.status,
-        objective_s=res.objective_s,
-        bound_s=res.bound_s,
-        gap=res.gap,
-        time_s=res.time_s,
-        num_columns=res.num_columns,
-        num_rows=res.num_rows,
-        num_nonzeros=res.num_nonzeros,
-        shared_layers=res.shared_layers,
-        warm_start=res.warm_start,
-        fallback=res.fallback,
-    )
+    solver = res.summary()
     notes = []
     if len(attempts) > 1:
         notes.append(f"budget tightened {len(attempts) - 1} time(s) after the exact simulation: {attempts}")

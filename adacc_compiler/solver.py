@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -45,6 +46,7 @@ import torch.fx as fx
 
 from adacc_compiler.passes.classify import JointGraphInfo
 from adacc_compiler.passes.liveness import Intervals, _is_broadcast_view, model_intervals
+from adacc_compiler.plan import SolverSummary
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,10 @@ class SolveResult:
     warm_start: bool
     fallback: str | None
     predicted_peak: int
+
+    def summary(self) -> SolverSummary:
+        """The solver fields a Plan records."""
+        return SolverSummary(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SolverSummary)})
 
 
 def _merge(terms) -> tuple[tuple[int, float], ...]:

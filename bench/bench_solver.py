@@ -41,7 +41,7 @@ def main() -> int:
     from adacc_compiler.backend import stock_partition
     from adacc_compiler.costs import CostModel
     from adacc_compiler.passes.classify import analyze_joint_graph
-    from adacc_compiler.passes.liveness import simulate_partition
+    from adacc_compiler.passes.liveness import simulate
     from adacc_compiler.passes.recompute import partition_with_plan
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
 
@@ -53,8 +53,7 @@ def main() -> int:
                                static_lifetime_input_indices=kw["static_lifetime_input_indices"])
     fw, bw = stock_partition(gm, inputs, num_fwd_outputs=kw["num_fwd_outputs"],
                              static_lifetime_input_indices=kw["static_lifetime_input_indices"])
-    names = {n.name for n in info.fw_nodes}
-    stock = simulate_partition(fw, bw, param_names=info.param_primal_names, forward_names=names)
+    stock = simulate(info, fw, bw)
     costs = CostModel(profile=False, cache_dir=None).node_costs(
         [c for c in info.candidates if c not in info.not_recomputable]
     )
@@ -74,7 +73,7 @@ def main() -> int:
             rows.append({"budget": fraction, "status": "infeasible", "error": str(err)})
             continue
         pfw, pbw = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
-        sim = simulate_partition(pfw, pbw, param_names=info.param_primal_names, forward_names=names)
+        sim = simulate(info, pfw, pbw)
         row = {
             "budget": fraction, "budget_bytes": budget, "status": res.status, "columns": res.num_columns,
             "rows": res.num_rows, "nonzeros": res.num_nonzeros, "shared_layers": res.shared_layers,

@@ -30,7 +30,7 @@ from adacc_compiler.passes import _torch as tp
 from adacc_compiler.passes.classify import JointGraphInfo, storage_key, tensor_nbytes
 from adacc_compiler.plan import MemoryTimeline
 
-__all__ = ["simulate_partition", "model_intervals", "Intervals", "dependency_graph", "saved_names"]
+__all__ = ["simulate_partition", "simulate", "model_intervals", "Intervals", "dependency_graph", "saved_names"]
 
 
 def _storage_nbytes(node: fx.Node) -> int:
@@ -163,6 +163,13 @@ def simulate_partition(
             phases.append("backward")
             live.append(running)
     return MemoryTimeline(labels=labels, phases=phases, live_bytes=live)
+
+
+def simulate(info: JointGraphInfo, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule) -> MemoryTimeline:
+    """:func:`simulate_partition` of a split of ``info``'s joint graph."""
+    return simulate_partition(
+        fw_gm, bw_gm, param_names=info.param_primal_names, forward_names={n.name for n in info.fw_nodes}
+    )
 
 
 def dependency_graph(info: JointGraphInfo) -> nx.DiGraph:

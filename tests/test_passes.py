@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from adacc_compiler import solver as S
 from adacc_compiler.backend import stock_partition
 from adacc_compiler.passes.classify import analyze_joint_graph
-from adacc_compiler.passes.liveness import model_intervals, saved_names, simulate_partition
+from adacc_compiler.passes.liveness import model_intervals, saved_names, simulate
 from adacc_compiler.passes.recompute import PlanMismatchError, check_partition, partition_with_plan
 from tests.joint import trace_joint
 
@@ -101,13 +101,17 @@ def test_layers_are_detected_by_structure(blocks_graph):
     assert all(len(ops) == 1 for ops in slots.values())
 
 
-def test_stock_simulation_counts_saved_storages(mlp_graph):
-    gm, inp, kw = mlp_graph
-    info = _info(mlp_graph)
+def _stock(graph):
+    """Stock Inductor's split of a traced joint graph, and its exact timeline."""
+    gm, inp, kw = graph
     fw, bw = stock_partition(gm, inp, num_fwd_outputs=kw["num_fwd_outputs"],
                              static_lifetime_input_indices=kw["static_lifetime_input_indices"])
-    tl = simulate_partition(fw, bw, param_names=info.param_primal_names,
-                            forward_names={n.name for n in info.fw_nodes})
+    return fw, bw, simulate(_info(graph), fw, bw)
+
+
+def test_stock_simulation_counts_saved_storages(mlp_graph):
+    info = _info(mlp_graph)
+    fw, bw, tl = _stock(mlp_graph)
     by_name = {n.name: n for n in fw.graph.nodes}
     expected = 0
     seen = set()
@@ -130,20 +134,13 @@ def _plan_and_simulate(graph, budget, share=True):
     res = S.solve_plan(info, _unit_costs(info), budget_bytes=budget, time_limit=10, mip_gap=0.0,
                        share_layers=share)
     fw, bw = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
-    tl = simulate_partition(fw, bw, param_names=info.param_primal_names,
-                            forward_names={n.name for n in info.fw_nodes})
-    return info, res, fw, bw, tl
+    return info, res, fw, bw, simulate(info, fw, bw)
 
 
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("fraction", [1.0, 0.8, 0.6, 0.45])
 def test_plans_fit_and_match_the_exact_simulation(blocks_graph, fraction, share):
-    gm, inp, kw = blocks_graph
-    info = _info(blocks_graph)
-    fw, bw = stock_partition(gm, inp, num_fwd_outputs=kw["num_fwd_outputs"],
-                             static_lifetime_input_indices=kw["static_lifetime_input_indices"])
-    stock = simulate_partition(fw, bw, param_names=info.param_primal_names,
-                               forward_names={n.name for n in info.fw_nodes})
+    _, _, stock = _stock(blocks_graph)
     budget = int(fraction * stock.peak)
     info, res, fw, bw, tl = _plan_and_simulate(blocks_graph, budget, share)
     # The plan's own model and the exact simulation of its partition agree...
@@ -246,8 +243,7 @@ def test_model_never_underestimates_random_closed_plans(blocks_graph):
         own = S._Model(info, model_intervals(info, rec), _unit_costs(info), False)
         predicted = own.model_peak(own.vector(save, rec, keep))
         fw, bw = partition_with_plan(info, save=save, recompute=rec, keep_primals=keep)
-        tl = simulate_partition(fw, bw, param_names=info.param_primal_names,
-                                forward_names={n.name for n in info.fw_nodes})
+        tl = simulate(info, fw, bw)
         assert predicted >= 0.98 * tl.peak
 
 
