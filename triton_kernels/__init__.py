@@ -2,10 +2,15 @@
 
 Each codec lives in its own file with its Triton kernels, a plain-PyTorch
 reference, its ``torch.library`` registration and its compressed size. The
-registry maps codec names to all of that. No codec is registered yet: the
-planner's choices are retain and recompute.
+registry maps codec names to all of that. Importing this package registers
+every codec below (and defines their ``adacc::*`` ops).
+
+Codecs: ``int8_token``.
 """
 
 from adacc_compiler.triton_kernels.registry import CODECS, Codec, get_codec, register_codec
+
+# Imported for their registration side effect.
+from adacc_compiler.triton_kernels import int8_token  # noqa: E402,F401
 
 __all__ = ["CODECS", "Codec", "get_codec", "register_codec"]

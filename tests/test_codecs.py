@@ -1,0 +1,256 @@
+"""Codecs: CPU ops against the references, op checks, round trips, accuracy, edge cases.
+
+The Triton kernels are checked under the interpreter in ``test_codecs_triton.py``.
+Figures measured on Gaussian data (float32, seed 0) are quoted next to the floors
+they back.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from adacc_compiler.triton_kernels import CODECS, get_codec
+from adacc_compiler.triton_kernels.registry import roundtrip
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+LOSSY = {"int8_token": 127}
+ODD_SHAPES = [(1, 1), (3, 37), (2, 5, 96), (7, 200), (33,)]
+
+
+def _sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return 10.0 * math.log10(x.pow(2).sum().item() / (x - y).pow(2).sum().item())
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values, NaN where the other is NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+def _equal_payloads(a, b) -> bool:
+    return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+
+
+def _as_tuple(payload):
+    return (payload,) if isinstance(payload, torch.Tensor) else tuple(payload)
+
+
+def _random_input(gen: torch.Generator, dtype: torch.dtype, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).mul(2.0).to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_registered_with_contract(name):
+    codec = get_codec(name)
+    assert codec.name == name and not codec.lossless
+    assert str(codec.compress_op) == f"adacc.{name}_compress.default"
+    assert str(codec.decompress_op) == f"adacc.{name}_decompress.default"
+    schema = codec.compress_op._schema
+    assert [a.name for a in schema.arguments] == ["x", "stochastic", "seed"]
+    assert len(schema.returns) == codec.num_payloads
+    dec_args = [a.name for a in codec.decompress_op._schema.arguments]
+    assert dec_args[-2:] == ["shape", "dtype"] and len(dec_args) == codec.num_payloads + 2
+
+
+# --------------------------------------------------------------------------------------
+# CPU path against the reference
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_cpu_ops_match_reference(name, dtype):
+    codec = get_codec(name)
+    gen = torch.Generator().manual_seed(1)
+    cases = [_random_input(gen, dtype, s) for s in ODD_SHAPES]
+    cases.append(_random_input(gen, dtype, (40, 6)).t())  # non-contiguous
+    cases.append(_random_input(gen, dtype, (4, 6, 10)).transpose(0, 2))
+    for x in cases:
+        for stochastic, seed in ((False, 0), (True, 0), (True, 12345)):
+            got = _as_tuple(codec.compress_op(x, stochastic, seed))
+            want = _as_tuple(codec.reference_compress(x, stochastic, seed))
+            assert _equal_payloads(got, want), (x.shape, stochastic, seed)
+            assert all(p.is_contiguous() for p in got)
+            for out_dtype in FLOATS:
+                dec = codec.decompress_op(*got, list(x.shape), out_dtype)
+                ref = codec.reference_decompress(*want, list(x.shape), out_dtype)
+                assert _same_values(dec, ref) and dec.is_contiguous(), (x.shape, out_dtype)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_compressed_nbytes_is_exact(name):
+    codec = get_codec(name)
+    for shape in ODD_SHAPES + [(4, 128, 64), (0, 8)]:
+        for dtype in FLOATS:
+            payload = _as_tuple(codec.compress_op(torch.zeros(shape, dtype=dtype)))
+            assert len(payload) == codec.num_payloads
+            assert codec.compressed_nbytes(shape, dtype) == sum(p.numel() * p.element_size() for p in payload)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library.opcheck
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_opcheck(name):
+    codec = get_codec(name)
+    gen = torch.Generator().manual_seed(2)
+    samples = [
+        (torch.randn(3, 37, generator=gen), False, 0),
+        (torch.randn(2, 40, 6, generator=gen).transpose(1, 2).to(torch.bfloat16), True, 5),
+    ]
+    for x, stochastic, seed in samples:
+        torch.library.opcheck(codec.compress_op, (x, stochastic, seed))
+        payload = _as_tuple(codec.compress_op(x, stochastic, seed))
+        for out_dtype in (x.dtype, torch.float16):
+            torch.library.opcheck(codec.decompress_op, (*payload, list(x.shape), out_dtype))
+
+
+# --------------------------------------------------------------------------------------
+# Round trips over random shapes, dtypes and seeds
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_roundtrip_random_shapes(name):
+    codec, qmax = get_codec(name), LOSSY[name]
+    rng = random.Random(3)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(25):
+        ndim = rng.randint(1, 4)
+        shape = [rng.randint(1, 7) for _ in range(ndim - 1)] + [rng.randint(1, 300)]
+        dtype = rng.choice(FLOATS)
+        stochastic = rng.random() < 0.5
+        seed = rng.randrange(2**31)
+        x = _random_input(gen, dtype, shape)
+        if rng.random() < 0.3 and ndim >= 2:
+            x = x.transpose(0, -1).contiguous().transpose(0, -1)  # same values, other strides
+        assert codec.supports(shape, dtype)
+        payload = _as_tuple(codec.compress_op(x, stochastic, seed))
+        assert [p.shape for p in payload] == [p.shape for p in _as_tuple(codec.reference_compress(x))]
+        y = codec.decompress_op(*payload, shape, torch.float32)
+        assert y.shape == x.shape and y.dtype == torch.float32 and y.is_contiguous()
+        # Error bound: half a step (one step stochastically) of the row's scale;
+        # a group's scale never exceeds its row's.
+        xf = x.float()
+        step = xf.abs().amax(dim=-1, keepdim=True).clamp_min(2.0**-100) / qmax
+        bound = step * (1.0 if stochastic else 0.5) * (1 + 1e-5)
+        assert ((y - xf).abs() <= bound).all(), (shape, dtype, stochastic)
+        z = codec.decompress_op(*payload, shape, dtype)
+        assert z.dtype == dtype and torch.equal(z, y.to(dtype))
+
+
+# --------------------------------------------------------------------------------------
+# Accuracy on Gaussian data
+# --------------------------------------------------------------------------------------
+
+# Measured (float32, 512 x 1024, seed 0): int8_token 44.3 dB.
+SQNR_FLOORS_DB = {"int8_token": 40.0}
+
+
+@pytest.mark.parametrize("name", sorted(SQNR_FLOORS_DB))
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sqnr_floor_on_gaussian(name, dtype):
+    x = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = roundtrip(get_codec(name), x)
+    assert _sqnr_db(x.float(), y.float()) >= SQNR_FLOORS_DB[name]
+
+
+# --------------------------------------------------------------------------------------
+# Stochastic rounding
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_stochastic_rounding_unbiased_and_deterministic(name):
+    codec, qmax = get_codec(name), LOSSY[name]
+    # Every row: one large value fixing the scale, then one value 0.3 of a step
+    # above a code; round-to-nearest always rounds it down.
+    x = torch.full((4096, 64), 0.0)
+    x[:, 0] = float(qmax)  # scale 1.0
+    x[:, 1:] = 5.3
+    a = codec.compress_op(x, True, 11)
+    assert _equal_payloads(_as_tuple(a), _as_tuple(codec.compress_op(x, True, 11)))
+    assert not _equal_payloads(_as_tuple(a), _as_tuple(codec.compress_op(x, True, 12)))
+    y = codec.decompress_op(*_as_tuple(a), list(x.shape), torch.float32)[:, 1:]
+    rtn = roundtrip(codec, x)[:, 1:]
+    assert torch.all(rtn == 5.0)
+    assert set(y.unique().tolist()) == {5.0, 6.0}
+    # mean of 4096 * 63 draws: standard error ~0.0009
+    assert abs(y.mean().item() - 5.3) < 0.005
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite values, zeros
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_non_finite_never_decode_finite(name, dtype):
+    codec = get_codec(name)
+    x = torch.randn(5, 70)
+    x[1, 3] = float("inf")
+    x[2, 69] = float("nan")
+    x[3, 0] = float("-inf")
+    x = x.to(dtype)
+    bad = ~torch.isfinite(x)
+    for stochastic in (False, True):
+        y = codec.decompress_op(*_as_tuple(codec.compress_op(x, stochastic, 1)), list(x.shape), dtype)
+        assert not torch.isfinite(y[bad]).any()
+        assert torch.isfinite(y[~bad.any(dim=-1)]).all()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_all_zero_input(name):
+    codec = get_codec(name)
+    for dtype in FLOATS:
+        x = torch.zeros(3, 65, dtype=dtype)
+        payload = _as_tuple(codec.compress_op(x))
+        assert all(not p.is_floating_point() or torch.isfinite(p).all() for p in payload)
+        y = codec.decompress_op(*payload, list(x.shape), dtype)
+        assert torch.equal(y, x)
+        # denormal-sized rows neither overflow nor divide by zero
+        tiny = torch.full((2, 8), 1e-40)
+        assert torch.isfinite(roundtrip(codec, tiny)).all()
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_bad_dtype_and_shape_raise(name):
+    codec = get_codec(name)
+    for bad in (torch.int32, torch.float64, torch.bool):
+        with pytest.raises(ValueError, match=rf"{name}.*float32, bfloat16, float16"):
+            codec.compress_op(torch.zeros(2, 4, dtype=bad))
+        with pytest.raises(ValueError, match=rf"{name}.*float32, bfloat16, float16"):
+            codec.compressed_nbytes((2, 4), bad)
+        assert not codec.supports((2, 4), bad)
+    payload = _as_tuple(codec.compress_op(torch.zeros(2, 4)))
+    with pytest.raises(ValueError, match=rf"{name}.*float32, bfloat16, float16"):
+        codec.decompress_op(*payload, [2, 4], torch.int8)
+    with pytest.raises(ValueError, match=name):
+        codec.decompress_op(*payload, [2, 5], torch.float32)
+    with pytest.raises(ValueError, match=rf"{name}.*0-d"):
+        codec.compress_op(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=rf"{name}.*seed"):
+        codec.compress_op(torch.zeros(2, 4), True, -1)
+    assert not codec.supports((), torch.float32)
+    assert not codec.supports((3, 0), torch.float32)

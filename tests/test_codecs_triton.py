@@ -1,0 +1,123 @@
+"""The codecs' Triton kernels, run by the Triton interpreter on CPU tensors.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, and the rest of
+the suite imports triton with it unset, so the checks run in one subprocess:
+this file is also the script that subprocess runs (``python
+tests/test_codecs_triton.py``), held to the plain-PyTorch references:
+
+* payloads bit-exact under round-to-nearest, on small and odd shapes, float32 /
+  bfloat16 / float16 inputs, non-finite and all-zero rows included;
+* decompress bit-exact for float32 and float16 outputs. The interpreter's
+  float32 -> bfloat16 cast truncates instead of rounding to nearest even (the
+  GPU rounds, and ``bench/gpu/codecs.py`` checks that exactly), so bfloat16
+  outputs are checked to within one bfloat16 step;
+* stochastic rounding: deterministic for a seed, within one quantisation step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+
+SHAPES = [(1, 1), (3, 37), (2, 5, 96), (7, 200)]
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _special_rows(channels: int) -> torch.Tensor:
+    """An all-zero row, a row with +inf, one with NaN, one with -inf, one tiny, one normal."""
+    x = torch.randn(6, channels)
+    x[0] = 0.0
+    x[1, channels // 2] = float("inf")
+    x[2, 0] = float("nan")
+    x[3, channels - 1] = float("-inf")
+    x[4] *= 1e-35
+    return x
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    for shape in SHAPES:
+        for dtype in FLOATS:
+            yield torch.randn(shape, generator=gen).mul(3.0).to(dtype)
+    # non-contiguous input
+    yield torch.randn(40, 6, generator=gen).t()
+    for dtype in FLOATS:
+        yield _special_rows(45).to(dtype)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values, NaN where the other is NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+def _equal_payloads(a, b) -> bool:
+    return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+
+
+def _check_lossy(mod, qmax: int, extra_kwargs=()) -> list[str]:
+    failures = []
+    for x in _inputs():
+        shape, where = list(x.shape), f"{mod.NAME} {tuple(x.shape)} {x.dtype}"
+        ref = mod.reference_compress(x)
+        for kwargs in ({}, *extra_kwargs):
+            got = mod.triton_compress(x, **kwargs)
+            if not _equal_payloads(got, ref):
+                failures.append(f"{where} {kwargs}: compress payloads differ from the reference")
+        for out_dtype in FLOATS:
+            got = mod.triton_decompress(*ref, shape, out_dtype)
+            want = mod.reference_decompress(*ref, shape, out_dtype)
+            if out_dtype == torch.bfloat16:
+                # one bfloat16 step: the interpreter truncates float32 -> bfloat16
+                close = torch.isclose(got.float(), want.float(), rtol=2**-7, atol=0.0, equal_nan=True).all()
+                if not (close and got.shape == want.shape and got.is_contiguous()):
+                    failures.append(f"{where} -> {out_dtype}: decompress off by more than one bfloat16 step")
+            elif not (_same_values(got, want) and got.is_contiguous()):
+                failures.append(f"{where} -> {out_dtype}: decompress differs from the reference")
+        finite_rows = torch.isfinite(x.float()).all(dim=-1, keepdim=True)
+        amax = x.float().nan_to_num(0.0, 0.0, 0.0).abs().amax(dim=-1, keepdim=True)
+        first = mod.triton_compress(x, stochastic=True, seed=7)
+        if not _equal_payloads(first, mod.triton_compress(x, stochastic=True, seed=7)):
+            failures.append(f"{where}: stochastic rounding not deterministic for a seed")
+        dec = mod.triton_decompress(*first, shape, torch.float32)
+        err = torch.where(finite_rows, (dec - x.float()).abs(), 0.0)
+        if (err > amax / qmax * 1.0001 + 1e-30).any():
+            failures.append(f"{where}: stochastic rounding off by more than one step")
+        if torch.isfinite(dec[~finite_rows.expand_as(dec)]).any():
+            failures.append(f"{where}: a non-finite row decoded to finite values")
+    return failures
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from adacc_compiler.triton_kernels import int8_token
+
+    start = time.perf_counter()
+    failures = []
+    failures += _check_lossy(int8_token, int8_token.QMAX, extra_kwargs=({"max_block_c": 16},))
+    for line in failures:
+        print("FAIL", line)
+    print(f"{len(failures)} failures in {time.perf_counter() - start:.1f} s")
+    return 1 if failures else 0
+
+
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Pieces the codecs share: argument checks, the group quantiser, Triton helpers, op registration.
+
+Every lossy codec here is the same arithmetic applied to different groupings of
+the last dimension (a whole row for ``int8_token``, 32 channels for the group
+codecs). The quantiser is defined once, as a plain reference and as a fast CPU
+path, and the Triton kernels call the ``@triton.jit`` helpers below, so that the
+three implementations follow one definition:
+
+* ``amax``: the largest ``|x|`` over the finite values of a group, floored at
+  ``AMAX_FLOOR`` so that an all-zero (or denormal) group never divides by zero
+  and its reciprocal stays finite;
+* ``inv = qmax / amax`` and ``scale = amax / qmax``, both correctly rounded
+  float32 divisions (``tl.math.div_rn`` in the kernels; never
+  ``Tensor.__rtruediv__``, which multiplies by a reciprocal);
+* codes: ``round_half_even(x * inv)`` or, stochastically,
+  ``floor(x * inv + u)`` with ``u ~ U[0, 1)``, clamped to ``[-qmax, qmax]``;
+* a group holding any NaN or infinity gets codes 0 and scale NaN, so the whole
+  group decodes to NaN: a non-finite value never decodes to a finite one;
+* decoding is ``codes * scale`` in float32, rounded once to the output dtype.
+
+Stochastic noise: on CPU ``torch.rand`` over the tensor's elements in row-major
+order from a ``torch.Generator`` seeded with ``seed``; on GPU ``tl.rand(seed,
+element_index)``. Both are deterministic for a given seed, but they are
+different streams.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "AMAX_FLOOR",
+    "FLOAT_DTYPES",
+    "check_float_dtype",
+    "check_seed",
+    "tokens_channels",
+    "cpu_noise",
+    "reference_quantize_groups",
+    "fast_quantize_groups",
+    "define_codec_ops",
+    "grid_1d",
+    "warps_for",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_NAMES = "float32, bfloat16, float16"
+
+# Groups whose largest magnitude is below this are quantised as if it were this:
+# 127 / 2**-100 is far from float32 overflow, and such values are zero for any
+# gradient purpose. A power of two keeps the floor exact in every dtype.
+AMAX_FLOOR = 2.0**-100
+
+_NAN = tl.constexpr(float("nan"))
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
+
+
+def check_float_dtype(codec: str, dtype: torch.dtype, what: str = "input") -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"codec {codec!r}: {what} dtype {dtype} is not supported; accepted dtypes: {_FLOAT_NAMES}"
+        )
+
+
+def check_seed(codec: str, seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"codec {codec!r}: seed must be in [0, 2**63), got {seed}")
+
+
+def tokens_channels(codec: str, shape: Sequence[int]) -> tuple[int, int]:
+    """(tokens, channels): leading dims flatten into tokens, the last is the channel dim."""
+    if len(shape) == 0:
+        raise ValueError(
+            f"codec {codec!r} quantises along the last dimension and needs a tensor with at "
+            "least one dimension; got a 0-d tensor"
+        )
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def cpu_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform [0, 1) float32 noise for stochastic rounding, deterministic for ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# The group quantiser: reference and fast CPU path
+# --------------------------------------------------------------------------------------
+
+
+def reference_quantize_groups(
+    groups: torch.Tensor, qmax: int, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise each row of ``groups`` (R, W) with its own scale.
+
+    Returns float32 codes (R, W) in ``[-qmax, qmax]`` and float32 scales (R,).
+    ``noise`` (R, W) uniform in [0, 1) selects stochastic rounding.
+    """
+    xf = groups.to(torch.float32)
+    finite = torch.isfinite(xf)
+    group_finite = finite.all(dim=1)
+    amax = torch.where(finite, xf.abs(), 0.0).amax(dim=1).clamp_min(AMAX_FLOOR)
+    inv = torch.full_like(amax, float(qmax)) / amax
+    scaled = xf * inv[:, None]
+    codes = torch.round(scaled) if noise is None else torch.floor(scaled + noise)
+    codes = codes.clamp(-qmax, qmax)
+    codes = torch.where(group_finite[:, None], codes, 0.0)
+    scale = torch.where(group_finite, amax / qmax, float("nan"))
+    return codes, scale
+
+
+def fast_quantize_groups(
+    groups: torch.Tensor, qmax: int, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as :func:`reference_quantize_groups`, with fewer passes and temporaries.
+
+    ``aminmax`` reads the input once and propagates NaN, so a non-finite group
+    shows up as a non-finite ``amax`` without a separate ``isfinite`` pass; the
+    codes are computed in one float32 buffer updated in place.
+    """
+    lo, hi = torch.aminmax(groups, dim=1)
+    amax = torch.maximum(hi, -lo).to(torch.float32)
+    group_finite = torch.isfinite(amax)
+    amax.clamp_min_(AMAX_FLOOR)
+    # inv = 0 on non-finite groups: their codes become 0 (finite * 0) or NaN
+    # (inf * 0, NaN * 0), and the NaN ones are zeroed below.
+    inv = torch.full_like(amax, float(qmax)).div_(amax).mul_(group_finite)
+    codes = torch.mul(groups, inv[:, None])
+    if codes.dtype != torch.float32:
+        codes = codes.to(torch.float32)
+    if noise is None:
+        codes.round_()
+    else:
+        codes.add_(noise).floor_()
+    codes.clamp_(-qmax, qmax).nan_to_num_(0.0)
+    scale = torch.where(group_finite, amax / qmax, float("nan"))
+    return codes, scale
+
+
+# --------------------------------------------------------------------------------------
+# Triton helpers (called from the codecs' kernels)
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def nonfinite(x):
+    """True where x is NaN or +-inf (NaN fails every comparison)."""
+    return ~(tl.abs(x) <= _FLT_MAX)
+
+
+@triton.jit
+def group_scales(amax, bad, QMAX: tl.constexpr):
+    """(inv, scale) from a group's finite abs-max; NaN scale for non-finite groups."""
+    amax = tl.maximum(amax, _AMAX_FLOOR)
+    inv = tl.math.div_rn(tl.full(amax.shape, QMAX, tl.float32), amax)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+    scale = tl.where(bad, _NAN, scale)
+    return inv, scale
+
+
+@triton.jit
+def round_half_even(y):
+    # libdevice's rint is not available under TRITON_INTERPRET; floor plus an
+    # exact tie test gives the same result for every float32 (y - floor(y) is exact).
+    r = tl.floor(y)
+    frac = y - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return r + up.to(tl.float32)
+
+
+@triton.jit
+def quantize_codes(scaled, bad, seed, offsets, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """float32 codes in [-QMAX, QMAX]; 0 where ``bad`` (the group's scale is NaN)."""
+    if STOCHASTIC:
+        # int32 offsets: the noise stream repeats past 2**31 elements.
+        codes = tl.floor(scaled + tl.rand(seed, offsets.to(tl.int32)))
+    else:
+        codes = round_half_even(scaled)
+    codes = tl.minimum(tl.maximum(codes, -QMAX), QMAX)
+    return tl.where(bad, 0.0, codes)
+
+
+def grid_1d(n: int, block: int) -> tuple[int]:
+    return (triton.cdiv(n, block),)
+
+
+def warps_for(block_elems: int) -> int:
+    """Warps for a program holding ``block_elems`` values: about 8-16 values a thread."""
+    return max(1, min(16, block_elems // 256))
+
+
+# --------------------------------------------------------------------------------------
+# Op registration
+# --------------------------------------------------------------------------------------
+
+
+def define_codec_ops(
+    name: str,
+    payload_names: Sequence[str],
+    *,
+    compress: Callable[..., tuple[torch.Tensor, ...]],
+    compress_cuda: Callable[..., tuple[torch.Tensor, ...]],
+    compress_fake: Callable[..., tuple[torch.Tensor, ...]],
+    decompress: Callable[..., torch.Tensor],
+    decompress_cuda: Callable[..., torch.Tensor],
+    decompress_fake: Callable[..., torch.Tensor],
+):
+    """Define ``adacc::<name>_compress`` / ``_decompress``; returns their OpOverloads.
+
+    ``compress`` and ``decompress`` are the default kernels (plain torch ops, so
+    they run on any device); the ``*_cuda`` ones replace them on CUDA.
+    """
+    outs = ", ".join("Tensor" for _ in payload_names)
+    comp = torch.library.custom_op(
+        f"adacc::{name}_compress",
+        compress,
+        mutates_args=(),
+        schema=f"(Tensor x, bool stochastic=False, int seed=0) -> ({outs})",
+    )
+    comp.register_fake(compress_fake)
+    comp.register_kernel("cuda", compress_cuda)
+    args = ", ".join(f"Tensor {p}" for p in payload_names)
+    dec = torch.library.custom_op(
+        f"adacc::{name}_decompress",
+        decompress,
+        mutates_args=(),
+        schema=f"({args}, SymInt[] shape, ScalarType dtype) -> Tensor",
+    )
+    dec.register_fake(decompress_fake)
+    dec.register_kernel("cuda", decompress_cuda)
+    ns = torch.ops.adacc
+    return getattr(ns, f"{name}_compress").default, getattr(ns, f"{name}_decompress").default
