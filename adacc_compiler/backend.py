@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from adacc_compiler.config import AdaccConfig
-from adacc_compiler.plan import DROP, RECOMPUTE, RETAIN, Decision, MemoryTimeline, Plan
+from adacc_compiler.plan import COMPRESS, DROP, RECOMPUTE, RETAIN, Decision, MemoryTimeline, Plan
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class CompiledGraph:
 
 
 _history: collections.deque[CompiledGraph] = collections.deque(maxlen=256)
+# The real example inputs of each compile in flight, by partitioner nonce: the
+# partitioner measures codecs on actual values. Held only while compile_fx runs
+# (Inductor deep-copies its config, partitioner included, so they cannot live
+# on the partitioner itself).
+_real_inputs: dict[bytes, Sequence[Any]] = {}
 _counter = itertools.count()
 _lock = threading.Lock()
 
@@ -117,8 +122,14 @@ def adacc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: A
     # cache stays on: its keys are the partitioned graphs, which encode the plan.
     from torch._functorch import config as functorch_config
 
-    with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+    with _lock:
+        _real_inputs[partitioner._nonce] = example_inputs
+    try:
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+    finally:
+        with _lock:
+            _real_inputs.pop(partitioner._nonce, None)
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -162,6 +173,8 @@ class AdaccPartitioner(CustomPartitionerFn):
         num_fwd_outputs = kwargs["num_fwd_outputs"]
         static = kwargs.get("static_lifetime_input_indices") or []
         gm = tp.prepare_joint_graph(gm)
+        with _lock:
+            real_inputs = _real_inputs.get(self._nonce)
         return plan_and_partition(
             gm,
             joint_inputs,
@@ -169,7 +182,35 @@ class AdaccPartitioner(CustomPartitionerFn):
             num_fwd_outputs=num_fwd_outputs,
             static_lifetime_input_indices=list(static),
             cost_model=self._costs(),
+            real_inputs=real_inputs,
         )
+
+
+def _codec_options(info, menus, cost_model) -> dict[fx.Node, list]:
+    """Each offered codec with its payload bytes and measured encode + decode time."""
+    from adacc_compiler.passes.compress import CodecOption
+    from adacc_compiler.triton_kernels import get_codec
+
+    options = {}
+    for node, menu in menus.items():
+        val = node.meta["val"]
+        shape = tuple(int(s) for s in val.shape)
+        opts = []
+        for name in menu.codecs:
+            codec = get_codec(name)
+            opts.append(
+                CodecOption(
+                    codec=name,
+                    nbytes=int(codec.compressed_nbytes(shape, val.dtype)),
+                    cost_s=float(cost_model.codec_cost(name, shape, val.dtype, val.device)),
+                    sqnr_db=None if codec.lossless else menu.sqnr_db.get(name),
+                )
+            )
+        # A codec that stores more than the value itself is never worth it.
+        opts = [o for o in opts if o.nbytes < info.nbytes.get(node, 0)]
+        if opts:
+            options[node] = opts
+    return options
 
 
 def stock_partition(
@@ -198,10 +239,16 @@ def plan_and_partition(
     num_fwd_outputs: int,
     static_lifetime_input_indices: list[int],
     cost_model,
+    real_inputs: Sequence[Any] | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Analyse, plan, split and verify one prepared joint graph."""
+    """Analyse, plan, split and verify one prepared joint graph.
+
+    ``real_inputs`` (the graph's actual inputs, when known) let lossy codecs be
+    measured on actual values; without them only lossless codecs are offered.
+    """
     from adacc_compiler.passes import _torch as tp
     from adacc_compiler.passes.classify import analyze_joint_graph
+    from adacc_compiler.passes.compress import codec_menus, measure_menus
     from adacc_compiler.passes.liveness import simulate
     from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
@@ -238,6 +285,14 @@ def plan_and_partition(
     costs = cost_model.node_costs(recomputable)
     t_cost = time.perf_counter() - t_cost
 
+    t_codec = time.perf_counter()
+    menus = codec_menus(info, mode=config.compress, sensitive=config.compress_sensitive)
+    codec_note = measure_menus(
+        info, menus, real_inputs, min_sqnr_db=config.min_sqnr_db, stochastic=config.stochastic_rounding
+    )
+    codec_options = _codec_options(info, menus, cost_model)
+    t_codec = time.perf_counter() - t_codec
+
     target = budget
     attempts = []
     for attempt in range(_MAX_TIGHTENING_ROUNDS):
@@ -249,6 +304,7 @@ def plan_and_partition(
                 time_limit=config.solver_time_limit,
                 mip_gap=config.solver_mip_gap,
                 share_layers=config.share_layers,
+                codec_options=codec_options,
             )
         except InfeasibleBudgetError as err:
             # The smallest peak found, shifted by how much the model under-predicted
@@ -266,7 +322,14 @@ def plan_and_partition(
                 min_feasible_bytes=smallest,
                 budget_bytes=budget,
             ) from None
-        fw_gm, bw_gm = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
+        fw_gm, bw_gm = partition_with_plan(
+            info,
+            save=res.save,
+            recompute=res.recompute,
+            keep_primals=res.keep_primals,
+            compress=res.compress,
+            stochastic=config.stochastic_rounding,
+        )
         plan_tl = simulate(info, fw_gm, bw_gm)
         attempts.append((target, res.predicted_peak, plan_tl.peak))
         if not config.verify or plan_tl.peak <= budget * (1 + _BUDGET_RTOL):
@@ -287,7 +350,7 @@ def plan_and_partition(
             f"{plan_tl.peak} bytes over the budget of {budget} bytes (attempts: model budget, model peak, "
             f"simulated peak = {attempts}). Raise memory_budget, or pass options={{'verify': False}} to accept it."
         )
-    tag_plan(info, res.save, res.recompute)
+    tag_plan(info, res.save, res.recompute, res.compress)
 
     decisions = []
     boundary = set(info.boundary)
@@ -295,7 +358,13 @@ def plan_and_partition(
         val = c.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue
-        choice = RETAIN if c in res.save else RECOMPUTE if c in res.recompute else DROP
+        choice = (
+            RETAIN if c in res.save else RECOMPUTE if c in res.recompute else COMPRESS if c in res.compress else DROP
+        )
+        menu = menus.get(c)
+        chosen = None
+        if c in res.compress:
+            chosen = next(o for o in codec_options[c] if o.codec == res.compress[c])
         decisions.append(
             Decision(
                 name=c.name,
@@ -307,11 +376,19 @@ def plan_and_partition(
                 cost_s=float(costs.get(c, 0.0)),
                 layer=info.layer_of.get(c, (None, None))[0],
                 needed_by_backward=c in boundary,
+                role=menu.role if menu else "",
+                rule=menu.rule if menu else "",
+                menu={o.codec: o.sqnr_db for o in codec_options.get(c, ())},
+                codec=chosen.codec if chosen else None,
+                compressed_nbytes=chosen.nbytes if chosen else None,
+                codec_cost_s=chosen.cost_s if chosen else None,
             )
         )
     fixed = sum(info.nbytes.get(p, 0) for p in res.keep_primals)
     solver = res.summary()
     notes = []
+    if codec_note:
+        notes.append(codec_note)
     if len(attempts) > 1:
         notes.append(f"budget tightened {len(attempts) - 1} time(s) after the exact simulation: {attempts}")
     plan = Plan(
@@ -330,8 +407,8 @@ def plan_and_partition(
     counts = plan.counts()
     log.info(
         "adacc %s: budget %.2f MiB (stock peak %.2f MiB, saves %.2f MiB), predicted peak %.2f MiB, saved %.2f MiB; "
-        "retain %d, recompute %d, drop %d; est. overhead %.1f us/step; solve %.2f s (%s, gap %.2f%%%s); "
-        "planning %.2f s (costs %.2f s)",
+        "retain %d, recompute %d, compress %d (%s), drop %d; est. overhead %.1f us/step; "
+        "solve %.2f s (%s, gap %.2f%%%s); planning %.2f s (costs %.2f s, codecs %.2f s)",
         graph_id,
         budget / 2**20,
         stock_peak / 2**20,
@@ -340,6 +417,8 @@ def plan_and_partition(
         plan.predicted_saved_bytes / 2**20,
         counts[RETAIN],
         counts[RECOMPUTE],
+        counts[COMPRESS],
+        ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(res.compress.values()).items())) or "none",
         counts[DROP],
         res.objective_s * 1e6,
         res.time_s,
@@ -348,6 +427,7 @@ def plan_and_partition(
         f", {res.fallback}" if res.fallback else "",
         time.perf_counter() - t_start,
         t_cost,
+        t_codec,
     )
     if log.isEnabledFor(logging.DEBUG):
         log.debug("adacc %s decisions:\n%s", graph_id, plan.table())

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["AdaccConfig", "parse_bytes", "ENV_VARS"]
+__all__ = ["AdaccConfig", "parse_bytes", "ENV_VARS", "COMPRESS_MODES"]
 
 _UNITS = {
     "": 1,
@@ -52,7 +53,14 @@ ENV_VARS = {
     "ADACC_SOLVER_TIME_LIMIT": "solver_time_limit",
     "ADACC_SOLVER_MIP_GAP": "solver_mip_gap",
     "ADACC_SHARE_LAYERS": "share_layers",
+    "ADACC_COMPRESS": "compress",
+    "ADACC_MIN_SQNR_DB": "min_sqnr_db",
+    "ADACC_COMPRESS_SENSITIVE": "compress_sensitive",
+    "ADACC_STOCHASTIC_ROUNDING": "stochastic_rounding",
 }
+
+# Accepted values of the ``compress`` option.
+COMPRESS_MODES = ("lossy", "lossless", "off")
 
 
 def _default_cache_dir() -> str:
@@ -90,6 +98,17 @@ class AdaccConfig:
             layers (the memory rows stay exact).
         verify: Check every plan against an exact liveness simulation of the
             partitioned forward and backward graphs before using it.
+        compress: Which codecs the planner may choose next to retain and
+            recompute: ``"lossy"`` (every codec a tensor's menu admits and whose
+            measured error passes ``min_sqnr_db``), ``"lossless"`` (bit-exact
+            codecs only, e.g. 1-bit masks) or ``"off"``.
+        min_sqnr_db: A lossy codec is offered for a tensor only if its round trip
+            on the tensor's actual values (measured at plan time) keeps at least
+            this signal-to-quantisation-noise ratio, in dB.
+        compress_sensitive: Also offer lossy codecs for the tensors attention's
+            backward needs and for the residual stream (lossless-only otherwise).
+        stochastic_rounding: Lossy codecs round stochastically (seeded per
+            tensor) instead of to nearest.
     """
 
     memory_budget: float | int | str = 1.0
@@ -100,6 +119,10 @@ class AdaccConfig:
     solver_mip_gap: float = 0.02
     share_layers: bool = True
     verify: bool = True
+    compress: str = "lossy"
+    min_sqnr_db: float = 20.0
+    compress_sensitive: bool = False
+    stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
         budget = self.memory_budget
@@ -117,7 +140,7 @@ class AdaccConfig:
             )
         elif isinstance(budget, int) and budget <= 0:
             raise ValueError(f"memory_budget: an absolute budget must be positive bytes, got {budget!r}")
-        for name in ("profile", "share_layers", "verify"):
+        for name in ("profile", "share_layers", "verify", "compress_sensitive", "stochastic_rounding"):
             object.__setattr__(self, name, _parse_bool(name, getattr(self, name)))
         try:
             limit = float(self.solver_time_limit)
@@ -131,6 +154,18 @@ class AdaccConfig:
             raise ValueError(f"solver_time_limit: expected seconds > 0, got {self.solver_time_limit!r}")
         if not 0 <= gap < 1:
             raise ValueError(f"solver_mip_gap: expected a relative gap in [0, 1), got {self.solver_mip_gap!r}")
+        if not isinstance(self.compress, str) or self.compress.strip().lower() not in COMPRESS_MODES:
+            raise ValueError(
+                f"compress: expected one of {', '.join(map(repr, COMPRESS_MODES))}, got {self.compress!r}"
+            )
+        object.__setattr__(self, "compress", self.compress.strip().lower())
+        try:
+            sqnr = float(self.min_sqnr_db)
+        except (TypeError, ValueError):
+            raise ValueError(f"min_sqnr_db: expected a number of dB, got {self.min_sqnr_db!r}") from None
+        if not math.isfinite(sqnr):
+            raise ValueError(f"min_sqnr_db: expected a finite number of dB, got {self.min_sqnr_db!r}")
+        object.__setattr__(self, "min_sqnr_db", sqnr)
         object.__setattr__(self, "solver_time_limit", limit)
         object.__setattr__(self, "solver_mip_gap", gap)
         for name in ("cache_dir", "dump_dir"):

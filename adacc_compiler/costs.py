@@ -827,6 +827,48 @@ class CostModel:
         assert len(costs) == len(set(nodes)), "every node must get a cost"
         return {n: costs[n] for n in nodes}
 
+    def codec_cost(self, codec_name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> float:
+        """Seconds to encode and then decode one ``shape`` x ``dtype`` tensor with a codec.
+
+        Measured on random data on ``device`` (cached like op costs) when
+        profiling, else the roofline: both passes move the full tensor and
+        the payload once.
+        """
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from adacc_compiler.triton_kernels import get_codec
+
+        codec = get_codec(codec_name)
+        device = self.device if self.device is not None else torch.device(device)
+        numel = math.prod(shape)
+        payload = codec.compressed_nbytes(tuple(shape), dtype)
+        kind = device.type if device.type in DEVICE_SPECS else "cuda"
+        spec = DEVICE_SPECS[kind]
+        roofline = 2 * (numel * dtype.itemsize + payload) / spec.bandwidth + 2 * spec.overhead_s
+        if not self.profile or not _device_usable(device):
+            self._stats["roofline"] += 1
+            return roofline
+        key = f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|codec {codec_name}|{tuple(shape)}|{dtype}"
+        if key in self._table:
+            self._stats["cache_hits"] += 1
+            return self._table[key]
+        t0 = time.perf_counter()
+        with _disable_current_modes(), torch.no_grad():
+            gen = _generator(self._generators, device)
+            if dtype == torch.bool:
+                x = torch.rand(shape, generator=gen, device=device) > 0.5
+            else:
+                x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            out = codec.compress_op(x)
+            seconds = _time_call(lambda: codec.compress_op(x), device) + _time_call(
+                lambda: codec.decompress_op(*out, list(shape), dtype), device
+            )
+        self._stats["measure_seconds"] += time.perf_counter() - t0
+        self._stats["measured"] += 1
+        self._table[key] = seconds
+        self._save()
+        return seconds
+
     def node_cost(self, node: torch.fx.Node) -> float:
         """Seconds to compute ``node`` once."""
         return self.node_costs([node])[node]

@@ -270,6 +270,11 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
         "estimated_overhead_s": plan.estimated_overhead_s,
         "retained_bytes": sum(d.nbytes for d in plan.decisions if d.choice == "retain"),
         "recomputed_bytes": sum(d.nbytes for d in plan.decisions if d.choice == "recompute"),
+        "compressed_bytes": sum(d.nbytes for d in plan.decisions if d.choice == "compress"),
+        "compressed_payload_bytes": sum(d.compressed_nbytes or 0 for d in plan.decisions if d.choice == "compress"),
+        "codecs": {
+            c: sum(1 for d in plan.decisions if d.codec == c) for c in sorted({d.codec for d in plan.decisions if d.codec})
+        },
         "solver_status": plan.solver.status,
         "solver_fallback": plan.solver.fallback,
     }

@@ -3,8 +3,10 @@
 A *candidate* is a forward value that the backward could need: either directly
 (the stock backward reads it) or as an input of a value that is recomputed.
 Each candidate ends up ``retain`` (saved by the forward for the backward),
-``recompute`` (rebuilt in the backward from other available values) or
-``drop`` (neither: nothing in the backward needs it under this plan).
+``recompute`` (rebuilt in the backward from other available values),
+``compress`` (the forward saves it encoded by a codec; the backward decodes
+it just before its first use) or ``drop`` (nothing in the backward needs it
+under this plan).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RETAIN", "RECOMPUTE", "DROP", "CHOICES", "Decision", "SolverSummary", "Plan", "MemoryTimeline"]
+__all__ = ["RETAIN", "RECOMPUTE", "COMPRESS", "DROP", "CHOICES", "Decision", "SolverSummary", "Plan", "MemoryTimeline"]
 
 RETAIN = "retain"
 RECOMPUTE = "recompute"
+COMPRESS = "compress"
 DROP = "drop"
-CHOICES = (RETAIN, RECOMPUTE, DROP)
+CHOICES = (RETAIN, RECOMPUTE, COMPRESS, DROP)
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,25 @@ class Decision:
     cost_s: float  # estimated time to recompute it once (whether or not it is)
     layer: int | None = None  # index of the repeated block it belongs to, if any
     needed_by_backward: bool = False  # read directly by the stock backward
+    # Compression: the tensor's role, the rule that set its codec menu, the
+    # codecs offered (with the SQNR each kept on the actual values, in dB;
+    # None for lossless ones), and for a compressed tensor the codec chosen,
+    # its stored bytes and its encode + decode time.
+    role: str = ""
+    rule: str = ""
+    menu: dict[str, float | None] = field(default_factory=dict)
+    codec: str | None = None
+    compressed_nbytes: int | None = None
+    codec_cost_s: float | None = None
 
     def __post_init__(self) -> None:
         assert self.choice in CHOICES, self.choice
+        assert (self.choice == COMPRESS) == (self.codec is not None), (self.choice, self.codec)
+
+    @property
+    def sqnr_db(self) -> float | None:
+        """Measured SQNR of the chosen codec (None: lossless or not compressed)."""
+        return self.menu.get(self.codec) if self.codec else None
 
 
 @dataclass(frozen=True)
@@ -99,7 +118,7 @@ class Plan:
             for d in self.decisions
             if not only_relevant or d.choice != DROP or d.needed_by_backward
         ]
-        header = ("tensor", "shape", "dtype", "bytes", "producer", "layer", "decision", "est. cost (us)")
+        header = ("tensor", "shape", "dtype", "bytes", "producer", "layer", "role", "decision", "codec", "ratio", "sqnr (dB)", "est. cost (us)")
         body = [
             (
                 d.name,
@@ -108,8 +127,12 @@ class Plan:
                 str(d.nbytes),
                 d.producer,
                 "-" if d.layer is None else str(d.layer),
+                d.role or "-",
                 d.choice,
-                f"{d.cost_s * 1e6:.1f}",
+                d.codec or "-",
+                f"{d.nbytes / d.compressed_nbytes:.2f}x" if d.compressed_nbytes else "-",
+                "lossless" if d.codec and d.sqnr_db is None else f"{d.sqnr_db:.1f}" if d.sqnr_db is not None else "-",
+                f"{(d.codec_cost_s if d.choice == COMPRESS else d.cost_s) * 1e6:.1f}",
             )
             for d in rows
         ]

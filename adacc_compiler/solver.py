@@ -2,13 +2,21 @@
 
 Model (one joint graph):
 
-* Binary columns per candidate value ``c``: ``save[c]`` (the forward saves it)
-  and ``recompute[c]`` (the backward rebuilds it); neither means it is dropped.
+* Binary columns per candidate value ``c``: ``save[c]`` (the forward saves it),
+  ``recompute[c]`` (the backward rebuilds it) and, for a value read by the
+  backward, one ``compress[c, k]`` per codec ``k`` on its menu (the forward
+  saves the codec's payloads; the backward decodes them just before the
+  value's first reader); none of them means it is dropped.
   Non-parameter primals get a ``keep[p]`` column (saving an input holds it).
   Views of parameters and broadcast views are never saved (rebuilt for free).
-* Every boundary value (read by the backward) is saved or recomputed.
+* Every boundary value (read by the backward) is saved, recomputed or
+  compressed, one of them at most.
 * A recomputed value needs each input available: saved, recomputed,
-  a parameter, or a kept input. ``save + recompute <= 1``.
+  a parameter, or a kept input. A compressed value is not available to
+  recomputation (its decoded copy differs from the forward's value and would
+  be decoded earlier): only the backward's own readers take it.
+* A compressed value occupies its payload bytes from the end of the forward
+  to its decode, and its full bytes from there to its last reader.
 * Memory: each column occupies an interval of the backward schedule
   (:func:`adacc_compiler.passes.liveness.model_intervals`); a saved value is
   live from the end of the forward. A running total ``m_k`` over the interval
@@ -18,7 +26,8 @@ Model (one joint graph):
   is rebuilt. Pulls within a small window are counted conservatively; longer
   ones ("far" pairs) get continuous segment columns charged only when both
   ends are recomputed; two far links in a chain are ruled out.
-* Objective: the summed time of the recomputed ops (seconds per step).
+* Objective: the summed time of the recomputed ops plus the encode and decode
+  time of the compressed values (seconds per step).
 * Structurally identical layers share one decision vector (the same columns;
   first and last layer excepted); the memory rows stay exact.
 
@@ -45,6 +54,7 @@ import torch
 import torch.fx as fx
 
 from adacc_compiler.passes.classify import JointGraphInfo
+from adacc_compiler.passes.compress import CodecOption
 from adacc_compiler.passes.liveness import Intervals, _is_broadcast_view, model_intervals
 from adacc_compiler.plan import SolverSummary
 
@@ -54,6 +64,8 @@ log = logging.getLogger(__name__)
 _PULL_EPS = 1e-7
 # Head times may sit this far below the modelled head (rounding of chain steps).
 _HEAD_SLACK = 1e-3
+# A decode runs just before the first backward reader of its value.
+_DECODE_STEP = 1e-4
 
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
@@ -85,6 +97,7 @@ class SolveResult:
     warm_start: bool
     fallback: str | None
     predicted_peak: int
+    compress: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> SolverSummary:
         """The solver fields a Plan records."""
@@ -111,8 +124,10 @@ class _Model:
         *,
         exact_heads: bool = False,
         banned_pairs: Sequence[tuple[fx.Node, fx.Node]] = (),
+        codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
     ):
         self.info = info
+        codec_options = codec_options or {}
         cand = info.candidates
         is_tensor = {c: isinstance(c.meta.get("val"), torch.Tensor) for c in cand}
         is_multi = {c: isinstance(c.meta.get("val"), (list, tuple)) for c in cand}
@@ -121,6 +136,7 @@ class _Model:
         self.save_col: dict[fx.Node, int] = {}
         self.rec_col: dict[fx.Node, int] = {}
         self.keep_col: dict[fx.Node, int] = {}
+        self.comp_col: dict[fx.Node, dict[str, int]] = {}
         self.shared_layers = 0
 
         def new_col(cost: float) -> int:
@@ -149,6 +165,9 @@ class _Model:
                 return None
             return t
 
+        def menu_key(n: fx.Node) -> tuple:
+            return tuple((o.codec, o.nbytes) for o in codec_options.get(n, ()))
+
         # Only values that can matter get columns: tensors and multi-output ops.
         self.relevant = [c for c in cand if is_tensor[c] or is_multi[c]]
         boundary = set(info.boundary)
@@ -159,20 +178,27 @@ class _Model:
             # free; saved, Inductor may or may not materialise them, so their
             # saved size is not known in advance. Their bases are saved instead.
             can_save = is_tensor[c] and not (can_rec and (c in info.param_aliases or _is_broadcast_view(c)))
+            opts = codec_options.get(c, ()) if is_tensor[c] and c in boundary else ()
             if t is not None and (can_save == (t in self.save_col)) and (can_rec == (t in self.rec_col)) and (
                 (c in boundary) == (t in boundary)
-            ):
+            ) and menu_key(c) == menu_key(t):
                 if can_save:
                     self.save_col[c] = self.save_col[t]
                 if can_rec:
                     self.rec_col[c] = self.rec_col[t]
                 if can_rec:
                     self.col_cost[self.rec_col[c]] += costs.get(c, 0.0)
+                if opts:
+                    self.comp_col[c] = dict(self.comp_col[t])
+                    for o in opts:
+                        self.col_cost[self.comp_col[c][o.codec]] += o.cost_s
                 continue
             if can_save:
                 self.save_col[c] = new_col(0.0)
             if can_rec:
                 self.rec_col[c] = new_col(costs.get(c, 0.0))
+            if opts:
+                self.comp_col[c] = {o.codec: new_col(o.cost_s) for o in opts}
         relevant = set(self.relevant)
         for p in info.primals:
             if p not in info.param_primals and isinstance(p.meta.get("val"), torch.Tensor):
@@ -185,10 +211,11 @@ class _Model:
         infeasible_reasons: list[str] = []
         for c in self.relevant:
             s, r = self.save_col.get(c), self.rec_col.get(c)
-            if s is not None and r is not None:
-                rows.add((((s, 1.0), (r, 1.0)), -math.inf, 1.0))
+            ways = [k for k in (s, r, *self.comp_col.get(c, {}).values()) if k is not None]
+            if len(ways) > 1:
+                rows.add((tuple((k, 1.0) for k in ways), -math.inf, 1.0))
             if c in boundary:
-                terms = tuple((k, 1.0) for k in (s, r) if k is not None)
+                terms = tuple((k, 1.0) for k in ways)
                 if not terms:
                     infeasible_reasons.append(c.name)
                     continue
@@ -217,6 +244,14 @@ class _Model:
                 terms.append((self.save_col[c], iv.bytes_saved[c], -1.0, iv.last_saved[c]))
             if c in self.rec_col and iv.bytes_recomputed.get(c, 0) and iv.need[c] != math.inf:
                 terms.append((self.rec_col[c], iv.bytes_recomputed[c], iv.need[c], iv.last_recomputed[c]))
+            if c in self.comp_col:
+                readers = [float(info.bw_pos[u]) for u in c.users if u in info.bw_pos]
+                assert readers, f"compressed value {c.name} has no backward reader"
+                decode = min(readers) - _DECODE_STEP
+                for o in codec_options[c]:
+                    col = self.comp_col[c][o.codec]
+                    terms.append((col, o.nbytes, -1.0, decode))
+                    terms.append((col, info.nbytes.get(c, 0), decode, max(readers)))
         for p, k in self.keep_col.items():
             last = max(
                 [float(info.bw_pos[u]) for u in p.users if u in info.bw_pos]
@@ -310,8 +345,10 @@ class _Model:
             if b >= a:
                 self.mem_terms.append((col, size, a, b))
 
-    def vector(self, save: set, recompute: set, keep: set) -> np.ndarray:
+    def vector(self, save: set, recompute: set, keep: set, compress: dict | None = None) -> np.ndarray:
         x = np.zeros(self.num_cols)
+        for c, name in (compress or {}).items():
+            x[self.comp_col[c][name]] = 1
         for c in save:
             x[self.save_col[c]] = 1
         for c in recompute:
@@ -322,6 +359,14 @@ class _Model:
 
 
     # -- evaluation helpers (greedy, warm start, fallback) --
+    def decisions(self, x: np.ndarray) -> tuple[set, set, set, dict]:
+        """(save, recompute, keep, compress) of a solution vector."""
+        save = {c for c, k in self.save_col.items() if x[k] > 0.5}
+        recompute = {c for c, k in self.rec_col.items() if x[k] > 0.5}
+        keep = {p for p, k in self.keep_col.items() if x[k] > 0.5}
+        compress = {c: name for c, cols in self.comp_col.items() for name, k in cols.items() if x[k] > 0.5}
+        return save, recompute, keep, compress
+
     def model_peak(self, x: np.ndarray) -> float:
         return float(self.memory_profile(x).max(initial=0.0))
 
@@ -511,10 +556,18 @@ def _min_peak_solution(model: _Model, *, time_limit: float) -> tuple[np.ndarray,
     return x, float(h.getInfo().mip_dual_bound)
 
 
-def own_peak(info: JointGraphInfo, costs, save: set, recompute: set, keep: set) -> int:
+def own_peak(
+    info: JointGraphInfo,
+    costs,
+    save: set,
+    recompute: set,
+    keep: set,
+    compress: dict | None = None,
+    codec_options: dict | None = None,
+) -> int:
     """The peak a plan implies on its own intervals (what its partition's simulation sees)."""
-    own = _Model(info, model_intervals(info, recompute), costs, False)
-    return int(own.model_peak(own.vector(save, recompute, keep)))
+    own = _Model(info, model_intervals(info, recompute), costs, False, codec_options=codec_options)
+    return int(own.model_peak(own.vector(save, recompute, keep, compress)))
 
 
 def solve_plan(
@@ -526,8 +579,12 @@ def solve_plan(
     mip_gap: float,
     share_layers: bool,
     max_rounds: int = 8,
+    codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
 ) -> SolveResult:
-    """Choose retain / recompute / drop for every candidate under ``budget_bytes``.
+    """Choose retain / recompute / compress / drop for every candidate under ``budget_bytes``.
+
+    ``codec_options`` lists, per value the backward reads, the codecs it may
+    take (with their payload bytes and encode + decode time).
 
     The MILP's intervals charge recompute chains one link at a time, so a plan
     is then judged on the intervals it implies itself; if that peak overflows,
@@ -543,7 +600,7 @@ def solve_plan(
     last_bans = 0
     for _ in range(max_rounds):
         try:
-            res = _solve_once(info, iv, costs, target, time_limit, mip_gap, share_layers, banned)
+            res = _solve_once(info, iv, costs, target, time_limit, mip_gap, share_layers, banned, codec_options)
         except _ModelInfeasible:
             if not last_bans or res is None:
                 break
@@ -555,8 +612,8 @@ def solve_plan(
                 break
             continue
         own_iv = model_intervals(info, res.recompute)
-        own = _Model(info, own_iv, costs, False)
-        profile = own.memory_profile(own.vector(res.save, res.recompute, res.keep_primals))
+        own = _Model(info, own_iv, costs, False, codec_options=codec_options)
+        profile = own.memory_profile(own.vector(res.save, res.recompute, res.keep_primals, res.compress))
         res.predicted_peak = int(profile.max(initial=0.0))
         log.debug("MILP target %d: own-interval peak %d (budget %d)", target, res.predicted_peak, budget_bytes)
         if res.predicted_peak <= budget_bytes:
@@ -584,15 +641,13 @@ def solve_plan(
     # whichever peaks lower on its own intervals.
     best = None
     for exact in (True, False):
-        model = _Model(info, iv, costs, False, exact_heads=exact)
+        model = _Model(info, iv, costs, False, exact_heads=exact, codec_options=codec_options)
         x, _ = _min_peak_solution(model, time_limit=time_limit)
-        save = {c for c, k in model.save_col.items() if x[k] > 0.5}
-        recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
-        keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
-        peak = own_peak(info, costs, save, recompute, keep)
+        save, recompute, keep, compress = model.decisions(x)
+        peak = own_peak(info, costs, save, recompute, keep, compress, codec_options)
         if best is None or peak < best[0]:
-            best = (peak, save, recompute, keep, model)
-    smallest, save, recompute, keep, model = best
+            best = (peak, save, recompute, keep, compress, model, x)
+    smallest, save, recompute, keep, compress, model, x = best
     if smallest > budget_bytes:
         raise InfeasibleBudgetError(
             f"memory budget of {budget_bytes} bytes is infeasible; the smallest budget adacc finds feasible is "
@@ -605,7 +660,7 @@ def solve_plan(
         recompute=recompute,
         keep_primals=keep,
         status="smallest-peak plan",
-        objective_s=float(sum(costs.get(c, 0.0) for c in recompute)),
+        objective_s=float(np.dot(model.col_cost, x)),
         bound_s=float("nan"),
         gap=float("inf"),
         time_s=time.perf_counter() - t0,
@@ -616,6 +671,7 @@ def solve_plan(
         warm_start=False,
         fallback="no MILP round fitted on its own intervals; the smallest-peak plan fits",
         predicted_peak=smallest,
+        compress=compress,
     )
 
 
@@ -644,11 +700,12 @@ def _solve_once(
     mip_gap: float,
     share_layers: bool,
     banned: Sequence[tuple[fx.Node, fx.Node]] = (),
+    codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
 ) -> SolveResult:
     import highspy
 
     t0 = time.perf_counter()
-    model = _Model(info, iv, costs, share_layers, banned_pairs=banned)
+    model = _Model(info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options)
     budget = float(budget_bytes)
     greedy = _greedy(model, budget)
     greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
@@ -668,7 +725,7 @@ def _solve_once(
         if share_layers and model.shared_layers:
             # Shared layer decisions can rule out a plan that exists per node.
             log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
-            return _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned)
+            return _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options)
         if status != highspy.HighsModelStatus.kInfeasible:
             raise RuntimeError(
                 f"adacc: HiGHS stopped without a plan ({status_name}) and the greedy plan does not fit; "
@@ -692,9 +749,7 @@ def _solve_once(
             f"adacc internal error: the {'MILP' if has_solution else 'greedy'} plan ({status_name}) violates "
             "the availability constraints"
         )
-    save = {c for c, k in model.save_col.items() if x[k] > 0.5}
-    recompute = {c for c, k in model.rec_col.items() if x[k] > 0.5}
-    keep = {p for p, k in model.keep_col.items() if x[k] > 0.5}
+    save, recompute, keep, compress = model.decisions(x)
     peak = int(model.model_peak(x))
     return SolveResult(
         save=save,
@@ -712,4 +767,5 @@ def _solve_once(
         warm_start=greedy_fits,
         fallback=fallback,
         predicted_peak=peak,
+        compress=compress,
     )

@@ -4,8 +4,8 @@ Two views of the same quantity:
 
 * :func:`simulate_partition` is exact: it walks the partitioned forward and
   backward graphs event by event and counts the bytes of every storage that
-  holds a value the backward needs (saved by the forward, or recomputed in the
-  backward), from its allocation to its last use. Views share their base's
+  holds a value the backward needs (saved by the forward, or recomputed or
+  decoded in the backward), from its allocation to its last use. Views share their base's
   storage and are counted once; parameters and buffers are never counted.
   Every plan is checked with it before it is used.
 * :func:`model_intervals` is the linear model the MILP uses: for each candidate
@@ -133,7 +133,8 @@ def simulate_partition(
     bw_size: dict[object, int] = {}
     for n in bw_nodes:
         is_saved = n.op == "placeholder" and n.name in saved
-        is_recomputed = n.op == "call_function" and n.name in forward_names
+        # A decoded value is held like a recomputed one: from its decode on.
+        is_recomputed = n.op == "call_function" and (n.name in forward_names or "adacc_decompress" in n.meta)
         if not (is_saved or is_recomputed) or not isinstance(n.meta.get("val"), torch.Tensor):
             continue
         if storage_key(n) in param_keys:

@@ -140,7 +140,7 @@ def test_all_files_written(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     assert "1.50 MiB" in text  # budget
     assert "2.00 MiB" in text  # stock saved
     assert "4.5 us" in text  # overhead
-    assert "1 retain, 2 recompute, 2 drop" in text
+    assert "1 retain, 2 recompute, 0 compress, 2 drop" in text
     rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
     for d in _plan().decisions:
         relevant = d.choice != "drop" or d.needed_by_backward
@@ -158,7 +158,7 @@ def test_all_files_written(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     # summary.json: plan summary plus extra.
     summary = json.loads((out / "summary.json").read_text())
     assert summary["extra"] == {"model": "tiny", "step": 3}
-    assert summary["plan"]["counts"] == {"retain": 1, "recompute": 2, "drop": 2}
+    assert summary["plan"]["counts"] == {"retain": 1, "recompute": 2, "compress": 0, "drop": 2}
     assert summary["plan"]["saved_bytes_reduction"] == MiB
 
     # PNG magic.

@@ -1,0 +1,471 @@
+"""Compression: codec menus per tensor, error measurement, codec insertion.
+
+Three steps, each a function:
+
+1. :func:`tensor_role` names what a value the backward reads *is*, from the
+   ops that produce and consume it (followed through views), never from
+   module names. The role sets the value's codec **menu** (:data:`MENUS`):
+
+   ============== ==================================================== ==========================
+   role           found as                                             codecs offered
+   ============== ==================================================== ==========================
+   mask           a ``bool`` tensor (ReLU / dropout masks, compares)    ``bool1`` (lossless)
+   attention      produced or read by an attention op, or read by a     lossless only
+                  batched matmul (Q, K, V, probabilities, output, LSE),
+                  or an elementwise function of such a value
+   residual       read both by a norm's statistics and by an ``add``    lossless only
+                  of its own shape (the residual stream)
+   norm_input     read by a norm's statistics (``pow``/``mean``,        ``int8_group``
+                  ``var_mean``, a layer-norm op)                        (outlier-aware)
+   matmul_input   read by a matrix multiply (``mm``/``addmm``)           ``int8_token``,
+                                                                        ``int8_group``,
+                                                                        ``int4_group``
+   act_input      read by an activation function (``sigmoid``,          ``int8_group``,
+                  ``tanh``, ``erf``, ``relu``, ``gelu``, ``silu``)        ``int8_token``
+   other          any other floating-point value                        ``int8_group``,
+                                                                        ``int8_token``
+   ============== ==================================================== ==========================
+
+   Roles are tried in that order; the first that matches wins. With
+   ``compress_sensitive`` the attention tensors and the residual stream are
+   offered the ``other`` menu as well. Values under :data:`MIN_BYTES`,
+   non-contiguous values and integer tensors get no codec.
+2. :func:`measure_menus` runs the forward once on the real inputs (the RNG
+   state is restored afterwards) and measures every lossy codec's round trip
+   on each value's actual data: a codec whose SQNR falls short of
+   ``min_sqnr_db`` is dropped from the menu, as is every lossy codec of a value
+   holding inf or NaN.
+3. :func:`codecs_inserted` rewrites the joint graph for a plan: ``compress``
+   right after the producer in the forward, the payloads saved, ``decompress``
+   right before the value's first backward reader; the backward's readers take
+   the decoded value. The rewrite is undone on exit, so one joint graph serves
+   several plans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import operator
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+from adacc_compiler.passes.classify import JointGraphInfo
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CodecOption",
+    "Menu",
+    "MENUS",
+    "MIN_BYTES",
+    "SENSITIVE_ROLES",
+    "tensor_role",
+    "codec_menus",
+    "measure_menus",
+    "sqnr_db",
+    "codecs_inserted",
+]
+
+aten = torch.ops.aten
+
+# Smaller values are not worth an encode and a decode.
+MIN_BYTES = 4096
+
+MENUS: dict[str, tuple[str, ...]] = {
+    "mask": ("bool1",),
+    "attention": (),
+    "residual": (),
+    "norm_input": ("int8_group",),
+    "matmul_input": ("int8_token", "int8_group", "int4_group"),
+    "act_input": ("int8_group", "int8_token"),
+    "other": ("int8_group", "int8_token"),
+}
+SENSITIVE_ROLES = ("attention", "residual")
+
+_RULES = {
+    "mask": "boolean tensor: 1-bit packing",
+    "attention": "read by attention's backward: lossless only",
+    "residual": "residual stream: lossless only",
+    "norm_input": "norm input: per-group int8 with outlier channels kept exact",
+    "matmul_input": "matmul input: per-token / per-group int8, per-group int4",
+    "act_input": "activation-function input: per-group / per-token int8",
+    "other": "floating-point value: per-group / per-token int8",
+}
+
+_VIEWS = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.slice.Tensor,
+    aten.select.int,
+}
+_MATMULS = {aten.mm.default, aten.addmm.default}
+_BATCHED_MATMULS = {aten.bmm.default, aten.baddbmm.default}
+_NORM_STATS = {aten.var_mean.correction, aten.var_mean.dim, aten.native_layer_norm.default, aten.mean.dim}
+_ACTIVATIONS = {
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.erf.default,
+    aten.relu.default,
+    aten.gelu.default,
+    aten.silu.default,
+}
+
+
+@dataclass(frozen=True)
+class CodecOption:
+    """One codec a value may take, with what it costs."""
+
+    codec: str
+    nbytes: int  # payload bytes
+    cost_s: float  # encode + decode time per step
+    sqnr_db: float | None = None  # measured on the actual values; None for lossless codecs
+
+
+@dataclass
+class Menu:
+    """The codecs one value may take and why."""
+
+    role: str
+    rule: str
+    codecs: list[str]
+    sqnr_db: dict[str, float] = None  # type: ignore[assignment]
+    excluded: dict[str, str] = None  # type: ignore[assignment]  # codec -> why it was dropped
+
+    def __post_init__(self) -> None:
+        self.sqnr_db = {} if self.sqnr_db is None else self.sqnr_db
+        self.excluded = {} if self.excluded is None else self.excluded
+
+
+def _is_attention_op(target: object) -> bool:
+    name = str(target)
+    return any(k in name for k in ("scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention"))
+
+
+def _is_norm_stat(node: fx.Node) -> bool:
+    if node.target in _NORM_STATS:
+        return True
+    # RMSNorm decomposes to x.pow(2).mean(-1).
+    return node.target is aten.pow.Tensor_Scalar and any(u.target is aten.mean.dim for u in node.users)
+
+
+def _consumers(node: fx.Node) -> list[fx.Node]:
+    """The non-view ops that read ``node``, looking through views."""
+    out, stack, seen = [], list(node.users), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.op == "call_function" and u.target in _VIEWS:
+            stack.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def _producer(node: fx.Node) -> fx.Node:
+    """The op that made ``node``'s data, looking back through views and getitem."""
+    while node.op == "call_function" and (node.target in _VIEWS or node.target is operator.getitem):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _attention_like(node: fx.Node, *, depth: int) -> bool:
+    """Made by or fed to attention (or a batched matmul), or an elementwise function of such a value."""
+    producer = _producer(node)
+    if producer.op == "call_function" and _is_attention_op(producer.target):
+        return True
+    if any(u.op == "call_function" and (_is_attention_op(u.target) or u.target in _BATCHED_MATMULS) for u in _consumers(node)):
+        return True
+    if depth == 0 or producer.op != "call_function":
+        return False
+    shape = getattr(node.meta.get("val"), "shape", None)
+    return any(
+        getattr(a.meta.get("val"), "shape", None) == shape and _attention_like(a, depth=depth - 1)
+        for a in producer.all_input_nodes
+    )
+
+
+def tensor_role(node: fx.Node) -> str:
+    """The role of a value (see the module docstring for the rules)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "none"
+    if val.dtype == torch.bool:
+        return "mask"
+    if not val.dtype.is_floating_point:
+        return "none"
+    consumers = _consumers(node)
+    if _attention_like(node, depth=2):
+        return "attention"
+    reads_norm = any(u.op == "call_function" and _is_norm_stat(u) for u in consumers)
+    if reads_norm and any(
+        u.target is aten.add.Tensor and getattr(u.meta.get("val"), "shape", None) == val.shape for u in consumers
+    ):
+        return "residual"
+    if reads_norm:
+        return "norm_input"
+    if any(u.target in _MATMULS for u in consumers):
+        return "matmul_input"
+    if any(u.target in _ACTIVATIONS for u in consumers):
+        return "act_input"
+    return "other"
+
+
+def _compressible(info: JointGraphInfo, node: fx.Node) -> str | None:
+    """Why ``node`` takes no codec at all, or None."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "not a tensor"
+    if node.op != "call_function" or node in info.param_aliases:
+        return "an input or a view of a parameter"
+    if info.nbytes.get(node, 0) < MIN_BYTES:
+        return f"smaller than {MIN_BYTES} bytes"
+    if not all(isinstance(s, int) for s in val.shape):
+        return "dynamic shape"
+    if not val.is_contiguous() and not all(
+        u.target in _MATMULS or u.target in _BATCHED_MATMULS for u in node.users if u in info.bw_pos
+    ):
+        # A decoded value is contiguous; matrix multiplies produce the same
+        # result from either layout, other readers might not.
+        return "not contiguous and read by more than matrix multiplies"
+    if any(u.op == "output" for u in node.users):
+        return "returned by the graph"
+    if not any(u in info.bw_pos for u in node.users):
+        return "not read by the backward"
+    return None
+
+
+def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.Node, Menu]:
+    """The codec menu of every value the backward reads (before error checks).
+
+    ``mode`` is the ``compress`` option: ``"lossy"``, ``"lossless"`` or ``"off"``.
+    """
+    from adacc_compiler.triton_kernels import CODECS
+
+    menus: dict[fx.Node, Menu] = {}
+    if mode == "off":
+        return menus
+    for node in info.boundary:
+        if node.op != "call_function" or _compressible(info, node) is not None:
+            continue
+        role = tensor_role(node)
+        if role == "none":
+            continue
+        names = list(MENUS[role])
+        rule = _RULES[role]
+        if sensitive and role in SENSITIVE_ROLES:
+            names = list(MENUS["other"])
+            rule = f"{role}, lossy codecs allowed by compress_sensitive"
+        val = node.meta["val"]
+        offered = []
+        for name in names:
+            codec = CODECS.get(name)
+            if codec is None or not codec.supports(tuple(val.shape), val.dtype):
+                continue
+            if mode == "lossless" and not codec.lossless:
+                continue
+            offered.append(name)
+        menus[node] = Menu(role=role, rule=rule, codecs=offered)
+    return menus
+
+
+def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio of ``y`` as an approximation of ``x``, in dB."""
+    x = x.detach().double()
+    noise = (x - y.detach().double()).pow(2).sum().item()
+    signal = x.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _run_forward(info: JointGraphInfo, primals: Sequence[torch.Tensor], wanted: set[fx.Node]) -> Iterator[tuple[fx.Node, torch.Tensor]]:
+    """Run the joint graph's forward nodes on real inputs, yielding each wanted value.
+
+    Values are freed after their last forward reader, so memory stays near
+    what the forward itself holds.
+    """
+    env: dict[fx.Node, object] = dict(zip(info.primals, primals))
+    fw = info.fw_nodes
+    last_use: dict[fx.Node, int] = {}
+    for i, n in enumerate(fw):
+        for a in n.all_input_nodes:
+            last_use[a] = i
+    for i, n in enumerate(fw):
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+        env[n] = n.target(*args, **kwargs)
+        if n in wanted and isinstance(env[n], torch.Tensor):
+            yield n, env[n]
+        for a in n.all_input_nodes:
+            if last_use.get(a) == i and a.op != "placeholder":
+                env.pop(a, None)
+
+
+def _matches(primals: Sequence[fx.Node], inputs: Sequence[object]) -> bool:
+    if len(primals) != len(inputs):
+        return False
+    for p, x in zip(primals, inputs):
+        val = p.meta.get("val")
+        if isinstance(val, torch.Tensor) != isinstance(x, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor) and (tuple(x.shape) != tuple(val.shape) or x.dtype != val.dtype):
+            return False
+    return True
+
+
+def measure_menus(
+    info: JointGraphInfo,
+    menus: dict[fx.Node, Menu],
+    real_inputs: Sequence[object] | None,
+    *,
+    min_sqnr_db: float,
+    stochastic: bool = False,
+) -> str | None:
+    """Measure each lossy codec on each value's actual data; drop those that fall short.
+
+    Returns None, or a note saying why no lossy codec could be measured (and
+    so none is offered): the real inputs are unknown or do not match the
+    graph's inputs. Lossless codecs need no measurement.
+    """
+    from adacc_compiler.triton_kernels import get_codec
+
+    lossy = {n: m for n, m in menus.items() if any(not get_codec(c).lossless for c in m.codecs)}
+    if not lossy:
+        return None
+    note = None
+    if real_inputs is None:
+        note = "the real inputs of this graph are unknown, so no lossy codec's error could be measured"
+    elif not _matches(info.primals, real_inputs):
+        note = "the graph's inputs do not match the example inputs, so no lossy codec's error could be measured"
+    if note is not None:
+        for m in lossy.values():
+            for c in [c for c in m.codecs if not get_codec(c).lossless]:
+                m.codecs.remove(c)
+                m.excluded[c] = "error not measurable"
+        return note
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    devices = [x.device for x in real_inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"]
+    # Real tensors, whatever fake mode the partitioner runs under; the user's
+    # RNG stream is left as it was.
+    with _disable_current_modes(), torch.no_grad(), torch.random.fork_rng(
+        devices=sorted({d.index or 0 for d in devices})
+    ):
+        for node, value in _run_forward(info, list(real_inputs), set(lossy)):
+            m = lossy[node]
+            finite = bool(torch.isfinite(value).all())
+            for c in list(m.codecs):
+                codec = get_codec(c)
+                if codec.lossless:
+                    continue
+                if not finite:
+                    m.codecs.remove(c)
+                    m.excluded[c] = "value holds inf or NaN"
+                    continue
+                payload = codec.compress_op(value, stochastic=stochastic, seed=0)
+                db = sqnr_db(value, codec.decompress_op(*payload, list(value.shape), value.dtype))
+                m.sqnr_db[c] = db
+                if db < min_sqnr_db:
+                    m.codecs.remove(c)
+                    m.excluded[c] = f"SQNR {db:.1f} dB < min_sqnr_db {min_sqnr_db:g}"
+    return None
+
+
+def _seed(node: fx.Node) -> int:
+    # Stable per tensor, so a recompiled graph rounds the same way.
+    return zlib.crc32(node.name.encode()) & 0x7FFFFFFF
+
+
+def _fake_call(op, *args, **kwargs):
+    from torch._guards import detect_fake_mode
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    mode = detect_fake_mode(tensors)
+    assert mode is not None, "adacc internal error: joint graph values carry no fake mode"
+    with mode:
+        return op(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def codecs_inserted(
+    info: JointGraphInfo, compress: dict[fx.Node, str], *, stochastic: bool = False
+) -> Iterator[dict[fx.Node, list[fx.Node]]]:
+    """Insert compress/decompress nodes for ``compress`` into ``info.gm``; undo on exit.
+
+    Yields the payload nodes (what the forward saves) of each compressed value.
+    Each compress node sits right after its value's producer; each decompress
+    right before the value's first backward reader, which (with every other
+    backward reader) reads the decoded value instead.
+    """
+    from adacc_compiler.triton_kernels import get_codec
+
+    graph = info.gm.graph
+    added: list[fx.Node] = []
+    rewired: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (reader, original, decoded)
+    payloads: dict[fx.Node, list[fx.Node]] = {}
+    try:
+        for node in sorted(compress, key=info.order.__getitem__):
+            codec = get_codec(compress[node])
+            val = node.meta["val"]
+            kwargs = {"stochastic": stochastic, "seed": _seed(node)}
+            fake_payload = _fake_call(codec.compress_op, val, **kwargs)
+            assert len(fake_payload) == codec.num_payloads, codec.name
+            with graph.inserting_after(node):
+                comp = graph.call_function(_overload(codec.name, "compress"), (node,), kwargs)
+            comp.meta["val"] = tuple(fake_payload)
+            comp.meta["adacc_compress"] = codec.name
+            added.append(comp)
+            items = []
+            anchor = comp
+            for i, fake in enumerate(fake_payload):
+                with graph.inserting_after(anchor):
+                    item = graph.call_function(operator.getitem, (comp, i))
+                item.meta["val"] = fake
+                items.append(item)
+                added.append(item)
+                anchor = item
+            payloads[node] = items
+            readers = sorted((u for u in node.users if u in info.bw_pos), key=info.order.__getitem__)
+            assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
+            shape = [int(s) for s in val.shape]
+            with graph.inserting_before(readers[0]):
+                dec = graph.call_function(_overload(codec.name, "decompress"), (*items, shape, val.dtype))
+            dec.meta["val"] = _fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
+            dec.meta["adacc_decompress"] = codec.name
+            added.append(dec)
+            for r in readers:
+                r.replace_input_with(node, dec)
+                rewired.append((r, node, dec))
+        yield payloads
+    finally:
+        for reader, original, decoded in reversed(rewired):
+            reader.replace_input_with(decoded, original)
+        for n in reversed(added):
+            graph.erase_node(n)
+
+
+def _overload(codec: str, kind: str) -> torch._ops.OpOverload:
+    """The registered op ``adacc::<codec>_<kind>`` that graph nodes call."""
+    return getattr(torch.ops.adacc, f"{codec}_{kind}").default
