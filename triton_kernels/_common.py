@@ -56,6 +56,7 @@ _FLOAT_NAMES = "float32, bfloat16, float16"
 AMAX_FLOOR = 2.0**-100
 
 _NAN = tl.constexpr(float("nan"))
+INF = tl.constexpr(float("inf"))
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 
@@ -80,6 +81,18 @@ def tokens_channels(codec: str, shape: Sequence[int]) -> tuple[int, int]:
             "least one dimension; got a 0-d tensor"
         )
     return math.prod(shape[:-1]), shape[-1]
+
+
+def check_payload(codec: str, what: str, t: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> None:
+    if t.dtype != dtype or list(t.shape) != list(shape):
+        raise ValueError(
+            f"codec {codec!r}: payload {what} must be {dtype} of shape {list(shape)}, "
+            f"got {t.dtype} of shape {list(t.shape)}"
+        )
+
+
+def num_groups(channels: int, group: int) -> int:
+    return (channels + group - 1) // group
 
 
 def cpu_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -116,13 +129,14 @@ def reference_quantize_groups(
 
 
 def fast_quantize_groups(
-    groups: torch.Tensor, qmax: int, noise: torch.Tensor | None = None
+    groups: torch.Tensor, qmax: int, noise: torch.Tensor | None = None, *, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as :func:`reference_quantize_groups`, with fewer passes and temporaries.
 
     ``aminmax`` reads the input once and propagates NaN, so a non-finite group
     shows up as a non-finite ``amax`` without a separate ``isfinite`` pass; the
-    codes are computed in one float32 buffer updated in place.
+    codes are computed in one float32 buffer updated in place (``groups``
+    itself with ``inplace=True``, for a float32 scratch buffer the caller owns).
     """
     lo, hi = torch.aminmax(groups, dim=1)
     amax = torch.maximum(hi, -lo).to(torch.float32)
@@ -131,9 +145,13 @@ def fast_quantize_groups(
     # inv = 0 on non-finite groups: their codes become 0 (finite * 0) or NaN
     # (inf * 0, NaN * 0), and the NaN ones are zeroed below.
     inv = torch.full_like(amax, float(qmax)).div_(amax).mul_(group_finite)
-    codes = torch.mul(groups, inv[:, None])
-    if codes.dtype != torch.float32:
-        codes = codes.to(torch.float32)
+    if inplace:
+        assert groups.dtype == torch.float32
+        codes = groups.mul_(inv[:, None])
+    else:
+        codes = torch.mul(groups, inv[:, None])
+        if codes.dtype != torch.float32:
+            codes = codes.to(torch.float32)
     if noise is None:
         codes.round_()
     else:
@@ -141,6 +159,45 @@ def fast_quantize_groups(
     codes.clamp_(-qmax, qmax).nan_to_num_(0.0)
     scale = torch.where(group_finite, amax / qmax, float("nan"))
     return codes, scale
+
+
+def padded_groups(rows: torch.Tensor, group: int) -> torch.Tensor:
+    """A float32 copy of ``rows`` (T, C), zero-padded to whole groups, as (T * G, group)."""
+    tokens, channels = rows.shape
+    width = num_groups(channels, group) * group
+    buf = torch.empty(tokens, width, dtype=torch.float32, device=rows.device)
+    buf[:, :channels].copy_(rows)
+    buf[:, channels:].zero_()
+    return buf.view(-1, group)
+
+
+def padded_noise(tokens: int, channels: int, group: int, seed: int, device) -> torch.Tensor:
+    """Noise drawn in the input's element order, laid out like :func:`padded_groups`."""
+    noise = cpu_noise((tokens, channels), seed, device)
+    pad = num_groups(channels, group) * group - channels
+    return torch.nn.functional.pad(noise, (0, pad)).view(-1, group)
+
+
+def dequantize_groups_into(
+    out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int
+) -> torch.Tensor:
+    """``out[t, c] = codes[t, c] * scale[t, c // group]`` in float32, rounded once into ``out``.
+
+    ``out`` and ``codes`` are (T, C), ``scale`` is (T, G). Whole groups and the
+    partial last group are two broadcast multiplies, without expanding the scales.
+    """
+    channels = out.shape[1]
+    full = channels // group
+    if full:
+        width = full * group
+        torch.mul(
+            codes[:, :width].unflatten(1, (full, group)),
+            scale[:, :full, None],
+            out=out[:, :width].unflatten(1, (full, group)),
+        )
+    if channels > full * group:
+        torch.mul(codes[:, full * group :], scale[:, full : full + 1], out=out[:, full * group :])
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -152,6 +209,14 @@ def fast_quantize_groups(
 def nonfinite(x):
     """True where x is NaN or +-inf (NaN fails every comparison)."""
     return ~(tl.abs(x) <= _FLT_MAX)
+
+
+@triton.jit
+def group_stats(x):
+    """Per row of a 2-D block: (abs-max over the finite values, count of non-finite > 0 as int32)."""
+    bad = nonfinite(x)
+    amax = tl.max(tl.where(bad, 0.0, tl.abs(x)), axis=1)
+    return amax, tl.max(bad.to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -189,6 +254,16 @@ def quantize_codes(scaled, bad, seed, offsets, QMAX: tl.constexpr, STOCHASTIC: t
 
 def grid_1d(n: int, block: int) -> tuple[int]:
     return (triton.cdiv(n, block),)
+
+
+_TILE_ELEMS = 4096
+
+
+def tile_blocks(rows: int, cols: int, max_block_c: int = 1024) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_C) powers of two for a 2-D tile of about 4096 elements."""
+    block_c = min(triton.next_power_of_2(cols), max_block_c)
+    block_t = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMS // block_c))
+    return block_t, block_c
 
 
 def warps_for(block_elems: int) -> int:

@@ -35,7 +35,6 @@ from adacc_compiler.triton_kernels.registry import Codec, register_codec
 NAME = "int8_token"
 QMAX = 127
 MAX_BLOCK_C = 8192
-_BLOCK_ELEMS = 4096
 
 __all__ = [
     "NAME",
@@ -71,15 +70,8 @@ def _scale_shape(shape: Sequence[int]) -> list[int]:
 def _check_payloads(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> tuple[int, int]:
     cm.check_float_dtype(NAME, dtype, "output")
     tokens, channels = _tokens_channels(shape)
-    if q.dtype != torch.int8 or list(q.shape) != list(shape):
-        raise ValueError(
-            f"codec {NAME!r}: q must be int8 of shape {list(shape)}, got {q.dtype} {list(q.shape)}"
-        )
-    if scale.dtype != torch.float32 or list(scale.shape) != _scale_shape(shape):
-        raise ValueError(
-            f"codec {NAME!r}: scale must be float32 of shape {_scale_shape(shape)}, "
-            f"got {scale.dtype} {list(scale.shape)}"
-        )
+    cm.check_payload(NAME, "q", q, torch.int8, shape)
+    cm.check_payload(NAME, "scale", scale, torch.float32, _scale_shape(shape))
     return tokens, channels
 
 
@@ -138,13 +130,6 @@ def decompress(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _row_stats(x):
-    bad = cm.nonfinite(x)
-    amax = tl.max(tl.where(bad, 0.0, tl.abs(x)), axis=1)
-    return amax, tl.max(bad.to(tl.int32), axis=1)
-
-
 @triton.jit(do_not_specialize=["seed"])
 def _compress_kernel(
     x_ptr, q_ptr, scale_ptr, T, C, seed,
@@ -158,7 +143,7 @@ def _compress_kernel(
     if SINGLE:
         mask = row_ok[:, None] & (cols < C)
         x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        amax, nbad = _row_stats(x)
+        amax, nbad = cm.group_stats(x)
         inv, scale = cm.group_scales(amax, nbad > 0, QMAX)
         codes = cm.quantize_codes(x * inv[:, None], (nbad > 0)[:, None], seed, base + cols, QMAX, STOCHASTIC)
         tl.store(q_ptr + base + cols, codes.to(tl.int8), mask=mask)
@@ -168,7 +153,7 @@ def _compress_kernel(
         for c0 in range(0, C, BLOCK_C):
             mask = row_ok[:, None] & (c0 + cols < C)
             x = tl.load(x_ptr + base + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            chunk_amax, chunk_bad = _row_stats(x)
+            chunk_amax, chunk_bad = cm.group_stats(x)
             amax = tl.maximum(amax, chunk_amax)
             nbad = tl.maximum(nbad, chunk_bad)
         inv, scale = cm.group_scales(amax, nbad > 0, QMAX)
@@ -192,12 +177,6 @@ def _decompress_kernel(q_ptr, scale_ptr, out_ptr, T, C, BLOCK_T: tl.constexpr, B
     tl.store(out_ptr + offs, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(tokens: int, channels: int, max_block_c: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(channels), max_block_c)
-    block_t = max(1, min(triton.next_power_of_2(tokens), _BLOCK_ELEMS // block_c))
-    return block_t, block_c
-
-
 def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *, max_block_c: int = MAX_BLOCK_C):
     """The Triton compress kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     tokens, channels = _check_input(x, seed)
@@ -206,7 +185,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
     scale = torch.empty(_scale_shape(x.shape), dtype=torch.float32, device=x.device)
     if tokens == 0:
         return q, scale
-    block_t, block_c = _blocks(tokens, channels, max_block_c)
+    block_t, block_c = cm.tile_blocks(tokens, channels, max_block_c)
     _compress_kernel[cm.grid_1d(tokens, block_t)](
         x, q, scale, tokens, channels, seed,
         BLOCK_T=block_t, BLOCK_C=block_c, SINGLE=channels <= block_c,
@@ -221,7 +200,7 @@ def triton_decompress(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int]
     out = torch.empty(list(shape), dtype=dtype, device=q.device)
     if tokens == 0:
         return out
-    block_t, block_c = _blocks(tokens, channels, MAX_BLOCK_C)
+    block_t, block_c = cm.tile_blocks(tokens, channels, 1024)
     grid = (triton.cdiv(tokens, block_t), triton.cdiv(channels, block_c))
     _decompress_kernel[grid](
         q.contiguous(), scale.contiguous(), out, tokens, channels,
