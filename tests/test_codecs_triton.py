@@ -119,13 +119,14 @@ def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     # numpy warns about the inf - inf and NaN arithmetic the non-finite cases exercise
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    from adacc_compiler.triton_kernels import int8_group, int8_token
+    from adacc_compiler.triton_kernels import int4_group, int8_group, int8_token
 
     start = time.perf_counter()
     failures = []
     failures += _check_lossy(int8_token, int8_token.QMAX, extra_kwargs=({"max_block_c": 16},))
     failures += _check_lossy(int8_group, int8_group.QMAX, extra_kwargs=({"absmax_splits": 3},))
     failures += _check_outlier_channels(int8_group)
+    failures += _check_lossy(int4_group, int4_group.QMAX)
     for line in failures:
         print("FAIL", line)
     print(f"{len(failures)} failures in {time.perf_counter() - start:.1f} s")
