@@ -597,17 +597,20 @@ def solve_plan(
     target = budget_bytes
     banned: list[tuple[fx.Node, fx.Node]] = []
     res = None
+    closest: SolveResult | None = None  # the round that overshot least
     last_bans = 0
     for _ in range(max_rounds):
         try:
             res = _solve_once(info, iv, costs, target, time_limit, mip_gap, share_layers, banned, codec_options)
         except _ModelInfeasible:
+            log.debug("MILP target %d with %d banned pairs: infeasible", target, len(banned))
             if not last_bans or res is None:
                 break
-            # The bans left no plan: lift them and lower the target instead.
-            del banned[len(banned) - last_bans :]
+            # The bans left no plan: lift them and lower the target instead,
+            # by the smallest overshoot seen.
+            banned.clear()
             last_bans = 0
-            target -= res.predicted_peak - budget_bytes
+            target -= max(1, closest.predicted_peak - budget_bytes)
             if target <= 0:
                 break
             continue
@@ -619,6 +622,8 @@ def solve_plan(
         if res.predicted_peak <= budget_bytes:
             res.time_s = time.perf_counter() - t0
             return res
+        if closest is None or res.predicted_peak < closest.predicted_peak:
+            closest = res
         # Ban the pulls that put values alive where the plan overflows; lower
         # the target only when there is nothing left to ban.
         over = [own.points[k] for k in range(len(own.points)) if profile[k] > budget_bytes]
@@ -645,9 +650,17 @@ def solve_plan(
         x, _ = _min_peak_solution(model, time_limit=time_limit)
         save, recompute, keep, compress = model.decisions(x)
         peak = own_peak(info, costs, save, recompute, keep, compress, codec_options)
+        log.debug(
+            "smallest-peak plan (%s heads): model peak %d, own-interval peak %d",
+            "exact" if exact else "windowed",
+            int(model.model_peak(x)),
+            peak,
+        )
         if best is None or peak < best[0]:
             best = (peak, save, recompute, keep, compress, model, x)
     smallest, save, recompute, keep, compress, model, x = best
+    if closest is not None:
+        smallest = min(smallest, closest.predicted_peak)
     if smallest > budget_bytes:
         raise InfeasibleBudgetError(
             f"memory budget of {budget_bytes} bytes is infeasible; the smallest budget adacc finds feasible is "
