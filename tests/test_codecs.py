@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adacc_compiler.triton_kernels import _common as cm
-from adacc_compiler.triton_kernels import get_codec
+from adacc_compiler.triton_kernels import CODECS, get_codec
 from adacc_compiler.triton_kernels.registry import roundtrip
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,17 +53,28 @@ def _random_input(gen: torch.Generator, dtype: torch.dtype, shape) -> torch.Tens
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(LOSSY))
+def test_every_codec_registered():
+    assert set(CODECS) >= {"int8_token", "int8_group", "int4_group", "bool1"}
+
+
+@pytest.mark.parametrize("name", [*sorted(LOSSY), "bool1"])
 def test_registered_with_contract(name):
     codec = get_codec(name)
-    assert codec.name == name and not codec.lossless
+    assert codec.name == name and codec.lossless == (name == "bool1")
     assert str(codec.compress_op) == f"adacc.{name}_compress.default"
     assert str(codec.decompress_op) == f"adacc.{name}_decompress.default"
     schema = codec.compress_op._schema
     assert [a.name for a in schema.arguments] == ["x", "stochastic", "seed"]
-    assert len(schema.returns) == codec.num_payloads
+    if codec.num_payloads == 1:
+        assert str(schema.returns[0].type) == "List[Tensor]"
+    else:
+        assert len(schema.returns) == codec.num_payloads
     dec_args = [a.name for a in codec.decompress_op._schema.arguments]
     assert dec_args[-2:] == ["shape", "dtype"] and len(dec_args) == codec.num_payloads + 2
+    x = torch.zeros(3, 40, dtype=torch.bool if codec.lossless else torch.float32)
+    payload = codec.compress_op(x)
+    assert len(payload) == codec.num_payloads
+    assert torch.equal(roundtrip(codec, x), x)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,3 +313,63 @@ def test_bad_dtype_and_shape_raise(name):
         codec.compress_op(torch.zeros(2, 4), True, -1)
     assert not codec.supports((), torch.float32)
     assert not codec.supports((3, 0), torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# bool1
+# --------------------------------------------------------------------------------------
+
+BOOL_SHAPES = [(), (0,), (1,), (7,), (8,), (9,), (3, 37), (2, 5, 96), (7, 200), (4, 0, 3)]
+
+
+def _bool_cases():
+    gen = torch.Generator().manual_seed(6)
+    for shape in BOOL_SHAPES:
+        yield torch.rand(shape, generator=gen) > 0.5
+    yield (torch.rand(40, 6, generator=gen) > 0.3).t()  # non-contiguous
+    yield (torch.rand(1001, generator=gen) > 0.5)[3:]  # contiguous, unaligned start
+    yield torch.ones(64, dtype=torch.bool)
+
+
+def test_bool1_matches_reference_bit_exact():
+    codec = get_codec("bool1")
+    for x in _bool_cases():
+        (packed,) = codec.compress_op(x)
+        (want,) = codec.reference_compress(x)
+        assert packed.dtype == torch.uint8 and torch.equal(packed, want), x.shape
+        assert packed.numel() == codec.compressed_nbytes(x.shape, torch.bool) == (x.numel() + 7) // 8
+        y = codec.decompress_op(packed, list(x.shape), torch.bool)
+        assert y.dtype == torch.bool and y.is_contiguous() and torch.equal(y, x)
+        assert torch.equal(codec.reference_decompress(packed, list(x.shape), torch.bool), x)
+        assert codec.supports(x.shape, torch.bool) == (x.numel() > 0)
+
+
+def test_bool1_every_byte_pattern():
+    codec = get_codec("bool1")
+    patterns = torch.arange(256, dtype=torch.int64)
+    bits = ((patterns[:, None] >> torch.arange(8)) & 1).bool()  # bit i of pattern p
+    (packed,) = codec.compress_op(bits.reshape(-1))
+    assert torch.equal(packed, patterns.to(torch.uint8))
+    assert torch.equal(codec.decompress_op(packed, [256 * 8], torch.bool), bits.reshape(-1))
+
+
+def test_bool1_opcheck():
+    codec = get_codec("bool1")
+    gen = torch.Generator().manual_seed(7)
+    for x in ((torch.rand(3, 37, generator=gen) > 0.5), (torch.rand(16, 5, generator=gen) > 0.5).t()):
+        torch.library.opcheck(codec.compress_op, (x, False, 0))
+        torch.library.opcheck(codec.decompress_op, (*codec.compress_op(x), list(x.shape), torch.bool))
+
+
+def test_bool1_errors():
+    codec = get_codec("bool1")
+    with pytest.raises(ValueError, match=r"bool1.*accepted dtypes: bool"):
+        codec.compress_op(torch.zeros(8))
+    with pytest.raises(ValueError, match=r"bool1.*accepted dtypes: bool"):
+        codec.compressed_nbytes((8,), torch.uint8)
+    (packed,) = codec.compress_op(torch.zeros(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"bool1.*accepted dtypes: bool"):
+        codec.decompress_op(packed, [8], torch.float32)
+    with pytest.raises(ValueError, match=r"bool1.*packed"):
+        codec.decompress_op(packed, [9], torch.bool)
+    assert not codec.supports((8,), torch.float32)

@@ -115,11 +115,28 @@ def _check_outlier_channels(mod) -> list[str]:
     return failures
 
 
+def _check_bool1(mod) -> list[str]:
+    """Bit-exact against the reference, every byte pattern included."""
+    failures = []
+    gen = torch.Generator().manual_seed(8)
+    patterns = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().reshape(-1)
+    cases = [torch.rand(s, generator=gen) > 0.5 for s in [(), (1,), (9,), *SHAPES]]
+    cases += [patterns, (torch.rand(40, 6, generator=gen) > 0.5).t()]
+    for x in cases:
+        got, want = mod.triton_compress(x), mod.reference_compress(x)
+        if not _equal_payloads(got, want):
+            failures.append(f"bool1 {tuple(x.shape)}: compress differs from the reference")
+        y = mod.triton_decompress(*want, list(x.shape), torch.bool)
+        if not (y.dtype == torch.bool and torch.equal(y, x)):
+            failures.append(f"bool1 {tuple(x.shape)}: decompress is not the input")
+    return failures
+
+
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     # numpy warns about the inf - inf and NaN arithmetic the non-finite cases exercise
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    from adacc_compiler.triton_kernels import int4_group, int8_group, int8_token
+    from adacc_compiler.triton_kernels import bool1, int4_group, int8_group, int8_token
 
     start = time.perf_counter()
     failures = []
@@ -127,6 +144,7 @@ def main() -> int:
     failures += _check_lossy(int8_group, int8_group.QMAX, extra_kwargs=({"absmax_splits": 3},))
     failures += _check_outlier_channels(int8_group)
     failures += _check_lossy(int4_group, int4_group.QMAX)
+    failures += _check_bool1(bool1)
     for line in failures:
         print("FAIL", line)
     print(f"{len(failures)} failures in {time.perf_counter() - start:.1f} s")

@@ -290,14 +290,17 @@ def define_codec_ops(
     """Define ``adacc::<name>_compress`` / ``_decompress``; returns their OpOverloads.
 
     ``compress`` and ``decompress`` are the default kernels (plain torch ops, so
-    they run on any device); the ``*_cuda`` ones replace them on CUDA.
+    they run on any device); the ``*_cuda`` ones replace them on CUDA. A torch
+    schema cannot return a one-element tuple, so a codec with a single payload
+    returns ``Tensor[]`` (a one-element list): ``result[i]`` and ``*result``
+    work the same for every codec.
     """
-    outs = ", ".join("Tensor" for _ in payload_names)
+    outs = "Tensor[]" if len(payload_names) == 1 else "(" + ", ".join("Tensor" for _ in payload_names) + ")"
     comp = torch.library.custom_op(
         f"adacc::{name}_compress",
         compress,
         mutates_args=(),
-        schema=f"(Tensor x, bool stochastic=False, int seed=0) -> ({outs})",
+        schema=f"(Tensor x, bool stochastic=False, int seed=0) -> {outs}",
     )
     comp.register_fake(compress_fake)
     comp.register_kernel("cuda", compress_cuda)

@@ -5,7 +5,10 @@ The contract every codec keeps (the planner and the rewrite rely on it):
 * ``compress_op`` is a ``torch.library`` op ``adacc::<name>_compress`` taking
   ``(Tensor x, bool stochastic=False, int seed=0)`` and returning a tuple of
   exactly ``num_payloads`` tensors whose shapes depend only on ``x.shape``
-  (static sizes: the forward saves these payloads for the backward).
+  (static sizes: the forward saves these payloads for the backward). A torch
+  schema has no one-element tuple: a codec with a single payload returns
+  ``Tensor[]``, a one-element list, so ``result[i]`` and ``*result`` read the
+  same for every codec.
 * ``decompress_op`` is ``adacc::<name>_decompress`` taking
   ``(payload_0, ..., payload_{k-1}, SymInt[] shape, ScalarType dtype)`` and
   returning a contiguous tensor of ``shape`` and ``dtype``.
