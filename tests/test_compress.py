@@ -1,0 +1,251 @@
+"""Compression in the planner: roles, menus, error gates, the rewrite, end to end."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adacc_compiler
+from adacc_compiler.passes.classify import analyze_joint_graph
+from adacc_compiler.passes.compress import (
+    MENUS,
+    _consumers,
+    codec_menus,
+    codecs_inserted,
+    measure_menus,
+    sqnr_db,
+    tensor_role,
+)
+from adacc_compiler.passes.liveness import simulate
+from adacc_compiler.passes.recompute import partition_with_plan
+from adacc_compiler.triton_kernels import get_codec
+from tests.e2e import check, run_adacc
+from tests.joint import capture_joint_graphs, trace_joint
+from tests.models import GPT
+
+aten = torch.ops.aten
+
+
+class ReluMLP(nn.Module):
+    """ReLU layers: the backward reads boolean masks the forward computes."""
+
+    def __init__(self, width: int = 128, depth: int = 6) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return x.pow(2).mean()
+
+
+def _info(gm, kwargs):
+    return analyze_joint_graph(
+        gm,
+        num_fwd_outputs=kwargs["num_fwd_outputs"],
+        static_lifetime_input_indices=kwargs.get("static_lifetime_input_indices"),
+    )
+
+
+def _mlp_joint(width=128, depth=3, batch=64):
+    torch.manual_seed(0)
+    model = ReluMLP(width, depth)
+    params = [p.detach().requires_grad_() for p in model.parameters()]
+    x = torch.randn(batch, width)
+
+    def loss(*args):
+        *ps, h = args
+        for i in range(depth):
+            h = F.relu(F.linear(h, ps[2 * i], ps[2 * i + 1]))
+        return h.pow(2).mean()
+
+    gm, inputs, kwargs = trace_joint(loss, *params, x, static=tuple(range(len(params))))
+    return gm, inputs, kwargs, [*params, x]
+
+
+# --------------------------------------------------------------------------- roles
+
+
+@pytest.fixture(scope="module")
+def llama_info():
+    from tests.models import hf_llama
+
+    torch.manual_seed(0)
+    model = hf_llama(2)
+    ids = torch.randint(0, 128, (2, 64))
+    gm, inputs, kwargs = capture_joint_graphs(lambda m: m(input_ids=ids, labels=ids).loss, model)[0]
+    return _info(gm, kwargs)
+
+
+def test_roles_on_llama_follow_the_rules(llama_info):
+    info = llama_info
+    roles = {n: tensor_role(n) for n in info.boundary if n.op == "call_function"}
+    seen = set(roles.values())
+    assert {"residual", "attention", "matmul_input", "mask"} <= seen, seen
+    for node, role in roles.items():
+        consumers = {u.target for u in _consumers(node)}
+        val = node.meta["val"]
+        if val.dtype == torch.bool:
+            assert role == "mask", node
+        elif role == "residual":
+            # The residual stream: a norm's statistics and the next residual add read it.
+            assert aten.add.Tensor in consumers and aten.pow.Tensor_Scalar in consumers, (node, consumers)
+        elif role == "matmul_input":
+            assert consumers & {aten.mm.default, aten.addmm.default}, (node, consumers)
+        if aten.bmm.default in consumers:
+            assert role == "attention", (node, role)
+
+
+def test_menus_follow_mode_and_sensitivity(llama_info):
+    info = llama_info
+    off = codec_menus(info, mode="off", sensitive=False)
+    assert off == {}
+    lossy = codec_menus(info, mode="lossy", sensitive=False)
+    lossless = codec_menus(info, mode="lossless", sensitive=False)
+    sensitive = codec_menus(info, mode="lossy", sensitive=True)
+    assert lossy and set(lossy) == set(lossless) == set(sensitive)
+    for node, menu in lossy.items():
+        assert set(menu.codecs) <= set(MENUS[menu.role])
+        assert all(get_codec(c).lossless for c in lossless[node].codecs)
+        if menu.role in ("attention", "residual"):
+            assert menu.codecs == [], (node, menu)
+            assert sensitive[node].codecs, node
+    assert any(m.codecs for m in lossy.values())
+
+
+def test_sqnr_gate_and_non_finite_values():
+    gm, inputs, kwargs, params = _mlp_joint()
+    info = _info(gm, kwargs)
+    real = [p.detach() for p in params]
+    menus = codec_menus(info, mode="lossy", sensitive=False)
+    assert measure_menus(info, menus, real, min_sqnr_db=20.0) is None
+    lossy = {n: m for n, m in menus.items() if m.role != "mask"}
+    assert lossy and all(m.codecs for m in lossy.values())
+    for m in lossy.values():
+        for codec, db in m.sqnr_db.items():
+            assert db >= 20.0 or codec in m.excluded
+    # An unreachable floor removes every lossy codec and says why.
+    strict = codec_menus(info, mode="lossy", sensitive=False)
+    measure_menus(info, strict, real, min_sqnr_db=200.0)
+    for m in strict.values():
+        assert all(get_codec(c).lossless for c in m.codecs)
+        if m.role != "mask":
+            assert m.excluded and all("min_sqnr_db" in why for why in m.excluded.values())
+    # A value holding inf takes no lossy codec.
+    bad = [p.clone() for p in real]
+    bad[1][0] = math.inf  # first bias: every value downstream holds inf
+    poisoned = codec_menus(info, mode="lossy", sensitive=False)
+    measure_menus(info, poisoned, bad, min_sqnr_db=20.0)
+    assert any("inf or NaN" in why for m in poisoned.values() for why in m.excluded.values())
+    # Unknown real inputs: lossy codecs are withheld, with a note.
+    unknown = codec_menus(info, mode="lossy", sensitive=False)
+    note = measure_menus(info, unknown, None, min_sqnr_db=20.0)
+    assert note and all(get_codec(c).lossless for m in unknown.values() for c in m.codecs)
+
+
+def test_sqnr_db():
+    x = torch.randn(1000, dtype=torch.float64)
+    assert sqnr_db(x, x) == math.inf
+    assert abs(sqnr_db(x, x * 1.01) - 40.0) < 1e-6
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+def test_insertion_is_undone():
+    gm, inputs, kwargs, params = _mlp_joint()
+    info = _info(gm, kwargs)
+    menus = codec_menus(info, mode="lossy", sensitive=False)
+    before = str(gm.graph)
+    choice = {n: m.codecs[0] for n, m in menus.items() if m.codecs}
+    assert choice
+    with codecs_inserted(info, choice) as payloads:
+        assert set(payloads) == set(choice)
+        assert str(gm.graph) != before
+        gm.graph.lint()
+    assert str(gm.graph) == before
+
+
+def test_partition_saves_payloads_not_values():
+    gm, inputs, kwargs, params = _mlp_joint()
+    info = _info(gm, kwargs)
+    menus = codec_menus(info, mode="lossy", sensitive=False)
+    compress = {n: m.codecs[0] for n, m in menus.items() if m.codecs}
+    save = {b for b in info.boundary if b.op == "call_function" and b not in compress}
+    keep = {p for p in info.boundary if p.op == "placeholder" and p not in info.param_primals}
+    fw, bw = partition_with_plan(info, save=save, recompute=set(), keep_primals=keep, compress=compress)
+    fw_ops = [n.target for n in fw.graph.nodes if n.op == "call_function"]
+    bw_ops = [n.target for n in bw.graph.nodes if n.op == "call_function"]
+    for codec in set(compress.values()):
+        assert getattr(torch.ops.adacc, f"{codec}_compress").default in fw_ops
+        assert getattr(torch.ops.adacc, f"{codec}_decompress").default in bw_ops
+    saved = {n.name for n in bw.graph.find_nodes(op="placeholder")}
+    assert not saved & {n.name for n in compress}
+    # Each decode sits right before its first reader.
+    nodes = list(bw.graph.nodes)
+    for i, n in enumerate(nodes):
+        if "adacc_decompress" in n.meta:
+            first = min(nodes.index(u) for u in n.users)
+            assert all(m.op != "call_function" or "adacc_decompress" in m.meta for m in nodes[i + 1 : first]), n
+    # The exact simulation counts payloads, not the values they encode.
+    full = sum(info.nbytes[n] for n in save | set(compress))
+    tl = simulate(info, fw, bw)
+    payload = sum(get_codec(c).compressed_nbytes(tuple(n.meta["val"].shape), n.meta["val"].dtype) for n, c in compress.items())
+    assert tl.saved_bytes < full
+    kept = sum(info.nbytes[p] for p in keep)
+    assert tl.saved_bytes <= sum(info.nbytes[n] for n in save) + kept + payload
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _relu_loss(model):
+    torch.manual_seed(1)
+    return model(torch.randn(256, 128))
+
+
+def _gpt_loss(model):
+    idx = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    return model(idx)
+
+
+def test_lossless_masks_keep_gradients_exact():
+    # At the smallest feasible budget the smallest-peak plan packs masks to 1 bit.
+    result = run_adacc(ReluMLP, _relu_loss, 0.01, compress="lossless")
+    check(result)
+    codecs = {d.codec for d in result.plan.decisions if d.codec}
+    assert codecs == {"bool1"}, result.plan.table()
+
+
+def test_lossy_plan_gradients_within_codec_error():
+    result = run_adacc(GPT, _gpt_loss, 0.4, compress="lossy")
+    # int8 codecs keep >= 20 dB on every tensor they take (the default
+    # min_sqnr_db); their error reaches the gradients attenuated.
+    check(result, grad_rtol=2e-2)
+    compressed = [d for d in result.plan.decisions if d.choice == "compress"]
+    assert compressed, result.plan.table()
+    for d in compressed:
+        assert d.codec in d.menu and d.compressed_nbytes < d.nbytes
+        if not get_codec(d.codec).lossless:
+            assert d.sqnr_db is not None and d.sqnr_db >= 20.0
+        assert d.role not in ("attention", "residual"), d
+
+
+def test_compression_reaches_budgets_recompute_alone_cannot():
+    exact = run_adacc(GPT, _gpt_loss, 0.01, compress="off")  # the smallest feasible budget
+    floor = exact.plan.budget_bytes / exact.plan.stock_peak_bytes
+    result = run_adacc(GPT, _gpt_loss, round(floor * 0.85, 4), compress="lossy")
+    check(result, grad_rtol=2e-2)
+    assert result.plan.budget_bytes < exact.plan.budget_bytes
+    assert result.plan.counts()["compress"] > 0
+
+
+def test_compress_off_matches_retain_recompute_only():
+    result = run_adacc(GPT, _gpt_loss, 0.5, compress="off")
+    check(result)
+    assert result.plan.counts()["compress"] == 0
