@@ -27,13 +27,7 @@ def _sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     return 10.0 * math.log10(x.pow(2).sum().item() / (x - y).pow(2).sum().item())
 
 
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype and values, NaN where the other is NaN."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+_same_values = cm.same_values
 
 
 def _equal_payloads(a, b) -> bool:

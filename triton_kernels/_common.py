@@ -27,11 +27,14 @@ different streams.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from adacc_compiler.triton_kernels.registry import Codec, register_codec
 
 __all__ = [
     "AMAX_FLOOR",
@@ -42,10 +45,17 @@ __all__ = [
     "cpu_noise",
     "reference_quantize_groups",
     "fast_quantize_groups",
-    "define_codec_ops",
+    "check_input",
+    "supports_float",
+    "same_values",
+    "CODEC_MODULE_API",
+    "define_codec",
     "grid_1d",
     "warps_for",
 ]
+
+# The CPU paths pack and unpack bytes through wider integer views.
+assert sys.byteorder == "little", "the codecs' CPU paths assume a little-endian host"
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_NAMES = "float32, bfloat16, float16"
@@ -80,7 +90,30 @@ def tokens_channels(codec: str, shape: Sequence[int]) -> tuple[int, int]:
             f"codec {codec!r} quantises along the last dimension and needs a tensor with at "
             "least one dimension; got a 0-d tensor"
         )
+    if shape[-1] == 0:
+        raise ValueError(f"codec {codec!r} needs a non-empty last dimension; got shape {tuple(shape)}")
     return math.prod(shape[:-1]), shape[-1]
+
+
+def check_input(codec: str, x: torch.Tensor, seed: int) -> tuple[int, int]:
+    """A lossy codec's compress arguments; returns (tokens, channels)."""
+    check_float_dtype(codec, x.dtype)
+    check_seed(codec, seed)
+    return tokens_channels(codec, x.shape)
+
+
+def supports_float(shape: Sequence[int], dtype: torch.dtype) -> bool:
+    """What every lossy codec here accepts: a float dtype, a non-empty last dimension."""
+    return dtype in FLOAT_DTYPES and len(shape) >= 1 and shape[-1] > 0
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values, NaN where the other is NaN (for checking payloads)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
 def check_payload(codec: str, what: str, t: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]) -> None:
@@ -229,6 +262,9 @@ def group_scales(amax, bad, QMAX: tl.constexpr):
     return inv, scale
 
 
+# Compress kernels launch with enable_fp_fusion=False: a fused x * inv - floor(...)
+# would round the exact product rather than the float32 product the reference
+# rounds, and differ from it on rare ties.
 @triton.jit
 def round_half_even(y):
     # libdevice's rint is not available under TRITON_INTERPRET; floor plus an
@@ -276,42 +312,69 @@ def warps_for(block_elems: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def define_codec_ops(
-    name: str,
-    payload_names: Sequence[str],
-    *,
-    compress: Callable[..., tuple[torch.Tensor, ...]],
-    compress_cuda: Callable[..., tuple[torch.Tensor, ...]],
-    compress_fake: Callable[..., tuple[torch.Tensor, ...]],
-    decompress: Callable[..., torch.Tensor],
-    decompress_cuda: Callable[..., torch.Tensor],
-    decompress_fake: Callable[..., torch.Tensor],
-):
-    """Define ``adacc::<name>_compress`` / ``_decompress``; returns their OpOverloads.
+# What a codec module provides, by name (``define_codec`` reads them).
+CODEC_MODULE_API = (
+    "NAME",
+    "compress",
+    "decompress",
+    "compress_fake",
+    "decompress_fake",
+    "triton_compress",
+    "triton_decompress",
+    "reference_compress",
+    "reference_decompress",
+    "compressed_nbytes",
+    "supports",
+    "CODEC",
+    "compress_op",
+    "decompress_op",
+)
 
-    ``compress`` and ``decompress`` are the default kernels (plain torch ops, so
-    they run on any device); the ``*_cuda`` ones replace them on CUDA. A torch
-    schema cannot return a one-element tuple, so a codec with a single payload
-    returns ``Tensor[]`` (a one-element list): ``result[i]`` and ``*result``
-    work the same for every codec.
+
+def define_codec(module, payload_names: Sequence[str], *, lossless: bool, description: str):
+    """Define a codec module's ``adacc::<NAME>_compress`` / ``_decompress`` ops and register it.
+
+    The module provides ``NAME`` and, by these names: ``compress`` and
+    ``decompress`` (the default kernels: plain torch ops, so they run on any
+    device), ``triton_compress`` and ``triton_decompress`` (the CUDA kernels),
+    ``compress_fake`` and ``decompress_fake``, ``reference_compress``,
+    ``reference_decompress``, ``compressed_nbytes`` and ``supports``.
+
+    A torch schema cannot return a one-element tuple, so a codec with a single
+    payload returns ``Tensor[]`` (a one-element list): ``result[i]`` and
+    ``*result`` work the same for every codec.
     """
+    name = module.NAME
     outs = "Tensor[]" if len(payload_names) == 1 else "(" + ", ".join("Tensor" for _ in payload_names) + ")"
     comp = torch.library.custom_op(
         f"adacc::{name}_compress",
-        compress,
+        module.compress,
         mutates_args=(),
         schema=f"(Tensor x, bool stochastic=False, int seed=0) -> {outs}",
     )
-    comp.register_fake(compress_fake)
-    comp.register_kernel("cuda", compress_cuda)
+    comp.register_fake(module.compress_fake)
+    comp.register_kernel("cuda", module.triton_compress)
     args = ", ".join(f"Tensor {p}" for p in payload_names)
     dec = torch.library.custom_op(
         f"adacc::{name}_decompress",
-        decompress,
+        module.decompress,
         mutates_args=(),
         schema=f"({args}, SymInt[] shape, ScalarType dtype) -> Tensor",
     )
-    dec.register_fake(decompress_fake)
-    dec.register_kernel("cuda", decompress_cuda)
-    ns = torch.ops.adacc
-    return getattr(ns, f"{name}_compress").default, getattr(ns, f"{name}_decompress").default
+    dec.register_fake(module.decompress_fake)
+    dec.register_kernel("cuda", module.triton_decompress)
+    ops = torch.ops.adacc
+    return register_codec(
+        Codec(
+            name=name,
+            lossless=lossless,
+            num_payloads=len(payload_names),
+            compress_op=getattr(ops, f"{name}_compress").default,
+            decompress_op=getattr(ops, f"{name}_decompress").default,
+            reference_compress=module.reference_compress,
+            reference_decompress=module.reference_decompress,
+            compressed_nbytes=module.compressed_nbytes,
+            supports=module.supports,
+            description=description,
+        )
+    )

@@ -17,6 +17,7 @@ accepted for the common signature and ignored; decompress only produces
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence
 
 import torch
@@ -24,23 +25,11 @@ import triton
 import triton.language as tl
 
 from adacc_compiler.triton_kernels import _common as cm
-from adacc_compiler.triton_kernels.registry import Codec, register_codec
 
 NAME = "bool1"
 _BLOCK_BYTES = 1024
 
-__all__ = [
-    "NAME",
-    "compress",
-    "decompress",
-    "reference_compress",
-    "reference_decompress",
-    "triton_compress",
-    "triton_decompress",
-    "compressed_nbytes",
-    "supports",
-    "CODEC",
-]
+__all__ = [*cm.CODEC_MODULE_API]
 
 
 def _check_dtype(dtype: torch.dtype, what: str) -> None:
@@ -97,6 +86,12 @@ def reference_decompress(packed: torch.Tensor, shape: Sequence[int], dtype: torc
 # byte i of v lands on bit 56 + i and nothing else reaches bits 56..63 or
 # carries into them, so the top byte is the packed byte. int64 products wrap.
 _GATHER = 0x0102040810204080
+# The way back, on one int64 per packed byte b: b * _REPEAT copies b into all 8
+# bytes, & _SELECT keeps bit i in byte i, + 0x7F.. sets bit 7 of exactly the
+# non-zero bytes (no carries between bytes), and >> 7 & _REPEAT leaves 0 or 1.
+_REPEAT = 0x0101010101010101
+_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
+_SPREAD = 0x7F7F7F7F7F7F7F7F
 
 
 def compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
@@ -113,8 +108,8 @@ def compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
 
 def decompress(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype):
     numel = _check_payloads(packed, shape, dtype)
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed[:, None] >> shifts).bitwise_and_(1).view(torch.bool).view(-1)
+    words = packed.to(torch.int64).mul_(_REPEAT).bitwise_and_(_SELECT).add_(_SPREAD)
+    bits = words.bitwise_right_shift_(7).bitwise_and_(_REPEAT).view(torch.bool)
     if bits.numel() == numel:
         return bits.view(list(shape))
     return bits[:numel].reshape(list(shape)).clone()
@@ -175,38 +170,15 @@ def triton_decompress(packed: torch.Tensor, shape: Sequence[int], dtype: torch.d
 # --------------------------------------------------------------------------------------
 
 
-def _compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
+def compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     _check_dtype(x.dtype, "input")
     return [x.new_empty((_nbytes(x.shape),), dtype=torch.uint8)]
 
 
-def _decompress_fake(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype):
+def decompress_fake(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype):
     _check_dtype(dtype, "output")
     return packed.new_empty(list(shape), dtype=torch.bool)
 
 
-compress_op, decompress_op = cm.define_codec_ops(
-    NAME,
-    ("packed",),
-    compress=compress,
-    compress_cuda=triton_compress,
-    compress_fake=_compress_fake,
-    decompress=decompress,
-    decompress_cuda=triton_decompress,
-    decompress_fake=_decompress_fake,
-)
-
-CODEC = register_codec(
-    Codec(
-        name=NAME,
-        lossless=True,
-        num_payloads=1,
-        compress_op=compress_op,
-        decompress_op=decompress_op,
-        reference_compress=reference_compress,
-        reference_decompress=reference_decompress,
-        compressed_nbytes=compressed_nbytes,
-        supports=supports,
-        description="bool tensors packed 8 values a byte, bit-exact; for masks",
-    )
-)
+CODEC = cm.define_codec(sys.modules[__name__], ("packed",), lossless=True, description="bool tensors packed 8 values a byte, bit-exact; for masks")
+compress_op, decompress_op = CODEC.compress_op, CODEC.decompress_op

@@ -21,6 +21,7 @@ Compressed size: ``T * ceil(C / 2) + 4 * T * G`` bytes for ``T`` tokens.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -28,37 +29,12 @@ import triton
 import triton.language as tl
 
 from adacc_compiler.triton_kernels import _common as cm
-from adacc_compiler.triton_kernels.registry import Codec, register_codec
 
 NAME = "int4_group"
 QMAX = 7
 GROUP = 32
 
-__all__ = [
-    "NAME",
-    "compress",
-    "decompress",
-    "reference_compress",
-    "reference_decompress",
-    "triton_compress",
-    "triton_decompress",
-    "compressed_nbytes",
-    "supports",
-    "CODEC",
-]
-
-
-def _tokens_channels(shape: Sequence[int]) -> tuple[int, int]:
-    tokens, channels = cm.tokens_channels(NAME, shape)
-    if channels == 0:
-        raise ValueError(f"codec {NAME!r} needs a non-empty last dimension; got shape {tuple(shape)}")
-    return tokens, channels
-
-
-def _check_input(x: torch.Tensor, seed: int) -> tuple[int, int]:
-    cm.check_float_dtype(NAME, x.dtype)
-    cm.check_seed(NAME, seed)
-    return _tokens_channels(x.shape)
+__all__ = [*cm.CODEC_MODULE_API, "QMAX", "GROUP"]
 
 
 def _payload_shapes(shape: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -68,7 +44,7 @@ def _payload_shapes(shape: Sequence[int]) -> tuple[list[int], list[int]]:
 
 def _check_payloads(packed, scale, shape, dtype) -> tuple[int, int]:
     cm.check_float_dtype(NAME, dtype, "output")
-    tokens, channels = _tokens_channels(shape)
+    tokens, channels = cm.tokens_channels(NAME, shape)
     packed_shape, scale_shape = _payload_shapes(shape)
     cm.check_payload(NAME, "packed", packed, torch.uint8, packed_shape)
     cm.check_payload(NAME, "scale", scale, torch.float32, scale_shape)
@@ -77,12 +53,12 @@ def _check_payloads(packed, scale, shape, dtype) -> tuple[int, int]:
 
 def compressed_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     cm.check_float_dtype(NAME, dtype)
-    tokens, channels = _tokens_channels(shape)
+    tokens, channels = cm.tokens_channels(NAME, shape)
     return tokens * ((channels + 1) // 2) + 4 * tokens * cm.num_groups(channels, GROUP)
 
 
 def supports(shape: Sequence[int], dtype: torch.dtype) -> bool:
-    return dtype in cm.FLOAT_DTYPES and len(shape) >= 1 and shape[-1] > 0
+    return cm.supports_float(shape, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -91,7 +67,7 @@ def supports(shape: Sequence[int], dtype: torch.dtype) -> bool:
 
 
 def reference_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     rows = x.reshape(tokens, channels).to(torch.float32)
     groups = cm.num_groups(channels, GROUP)
     padded = torch.nn.functional.pad(rows, (0, groups * GROUP - channels)).reshape(-1, GROUP)
@@ -122,27 +98,33 @@ def reference_decompress(packed, scale, shape: Sequence[int], dtype: torch.dtype
 
 
 def compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     rows = x.contiguous().view(tokens, channels)
     groups = cm.padded_groups(rows, GROUP)
     noise = cm.padded_noise(tokens, channels, GROUP, seed, x.device) if stochastic else None
     codes, scale = cm.fast_quantize_groups(groups, QMAX, noise, inplace=True)
     nbytes = (channels + 1) // 2
-    # Padded rows are whole groups, so always an even number of codes: pair them
-    # up in int8, where << wraps and & keeps two's complement nibbles.
+    # Padded rows are whole groups, an even number of codes: each pair of int8
+    # codes read as one little-endian int16 w holds the even channel in its low
+    # byte and the odd one in its high byte, so (w & 0xF) | ((w >> 4) & 0xF0) is
+    # the packed byte (two's complement nibbles), in one pass over the codes.
     width = cm.num_groups(channels, GROUP) * GROUP
-    pairs = codes.to(torch.int8).view(tokens, width // 2, 2)[:, :nbytes]
-    packed = (pairs[..., 0] & 0xF) | (pairs[..., 1] << 4)
+    words = codes.to(torch.int8).view(torch.int16).view(tokens, width // 2)[:, :nbytes]
+    packed = (words & 0xF).bitwise_or_((words >> 4).bitwise_and_(0xF0)).to(torch.uint8)
     packed_shape, scale_shape = _payload_shapes(x.shape)
-    return packed.view(torch.uint8).view(packed_shape), scale.view(scale_shape)
+    return packed.view(packed_shape), scale.view(scale_shape)
 
 
 def decompress(packed, scale, shape: Sequence[int], dtype: torch.dtype):
     tokens, channels = _check_payloads(packed, scale, shape, dtype)
     nbytes = (channels + 1) // 2
-    b = packed.reshape(tokens, nbytes).view(torch.int8)
-    # Arithmetic shifts of int8 sign-extend each nibble.
-    codes = torch.stack(((b << 4) >> 4, b >> 4), dim=-1).view(tokens, 2 * nbytes)[:, :channels]
+    # Each byte widened to int16: arithmetic shifts sign-extend the low nibble
+    # (<< 12 >> 12) and the high one (>> 4); putting them in the low and high
+    # byte of one int16 lays the codes out in channel order (little-endian).
+    wide = packed.reshape(tokens, nbytes).view(torch.int8).to(torch.int16)
+    low = wide.bitwise_left_shift(12).bitwise_right_shift_(12).bitwise_and_(0xFF)
+    pairs = wide.bitwise_right_shift_(4).bitwise_left_shift_(8).bitwise_or_(low)
+    codes = pairs.view(torch.int8).view(tokens, 2 * nbytes)[:, :channels]
     out = torch.empty(list(shape), dtype=dtype, device=packed.device)
     groups = cm.num_groups(channels, GROUP)
     cm.dequantize_groups_into(out.view(tokens, channels), codes, scale.reshape(tokens, groups), GROUP)
@@ -199,7 +181,7 @@ def _decompress_kernel(
 
 def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     """The Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     x = x.contiguous()
     packed_shape, scale_shape = _payload_shapes(x.shape)
     packed = torch.empty(packed_shape, dtype=torch.uint8, device=x.device)
@@ -211,7 +193,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     block_r = max(1, min(triton.next_power_of_2(rows), 4096 // GROUP))
     _compress_kernel[cm.grid_1d(rows, block_r)](
         x, packed, scale, rows, groups, channels, (channels + 1) // 2, seed,
-        BLOCK_R=block_r, GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic),
+        BLOCK_R=block_r, GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False,
         num_warps=cm.warps_for(block_r * GROUP),
     )
     return packed, scale
@@ -238,39 +220,16 @@ def triton_decompress(packed, scale, shape: Sequence[int], dtype: torch.dtype):
 # --------------------------------------------------------------------------------------
 
 
-def _compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    _check_input(x, seed)
+def compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
+    cm.check_input(NAME, x, seed)
     packed_shape, scale_shape = _payload_shapes(x.shape)
     return x.new_empty(packed_shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.float32)
 
 
-def _decompress_fake(packed, scale, shape: Sequence[int], dtype: torch.dtype):
+def decompress_fake(packed, scale, shape: Sequence[int], dtype: torch.dtype):
     cm.check_float_dtype(NAME, dtype, "output")
     return packed.new_empty(list(shape), dtype=dtype)
 
 
-compress_op, decompress_op = cm.define_codec_ops(
-    NAME,
-    ("packed", "scale"),
-    compress=compress,
-    compress_cuda=triton_compress,
-    compress_fake=_compress_fake,
-    decompress=decompress,
-    decompress_cuda=triton_decompress,
-    decompress_fake=_decompress_fake,
-)
-
-CODEC = register_codec(
-    Codec(
-        name=NAME,
-        lossless=False,
-        num_payloads=2,
-        compress_op=compress_op,
-        decompress_op=decompress_op,
-        reference_compress=reference_compress,
-        reference_decompress=reference_decompress,
-        compressed_nbytes=compressed_nbytes,
-        supports=supports,
-        description="int4 (two codes a byte), float32 scale per 32 channels; for the tightest budgets",
-    )
-)
+CODEC = cm.define_codec(sys.modules[__name__], ("packed", "scale"), lossless=False, description="int4 (two codes a byte), float32 scale per 32 channels; for the tightest budgets")
+compress_op, decompress_op = CODEC.compress_op, CODEC.decompress_op

@@ -33,6 +33,7 @@ and stores.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -40,44 +41,18 @@ import triton
 import triton.language as tl
 
 from adacc_compiler.triton_kernels import _common as cm
-from adacc_compiler.triton_kernels.registry import Codec, register_codec
 
 NAME = "int8_group"
 QMAX = 127
 GROUP = 32
 CHANNELS_PER_OUTLIER = 128
 
-__all__ = [
-    "NAME",
-    "compress",
-    "decompress",
-    "reference_compress",
-    "reference_decompress",
-    "triton_compress",
-    "triton_decompress",
-    "num_outliers",
-    "compressed_nbytes",
-    "supports",
-    "CODEC",
-]
+__all__ = [*cm.CODEC_MODULE_API, "QMAX", "GROUP", "num_outliers", "select_outliers"]
 
 
 def num_outliers(channels: int) -> int:
     """Outlier channels kept exactly: ``ceil(C / 128)`` (at least one for any C >= 1)."""
     return (channels + CHANNELS_PER_OUTLIER - 1) // CHANNELS_PER_OUTLIER
-
-
-def _tokens_channels(shape: Sequence[int]) -> tuple[int, int]:
-    tokens, channels = cm.tokens_channels(NAME, shape)
-    if channels == 0:
-        raise ValueError(f"codec {NAME!r} needs a non-empty last dimension; got shape {tuple(shape)}")
-    return tokens, channels
-
-
-def _check_input(x: torch.Tensor, seed: int) -> tuple[int, int]:
-    cm.check_float_dtype(NAME, x.dtype)
-    cm.check_seed(NAME, seed)
-    return _tokens_channels(x.shape)
 
 
 def _payload_shapes(shape: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -89,7 +64,7 @@ def _payload_shapes(shape: Sequence[int]) -> tuple[list[int], list[int], list[in
 
 def _check_payloads(q, scale, idx, val, shape, dtype) -> tuple[int, int]:
     cm.check_float_dtype(NAME, dtype, "output")
-    tokens, channels = _tokens_channels(shape)
+    tokens, channels = cm.tokens_channels(NAME, shape)
     q_shape, scale_shape, idx_shape, val_shape = _payload_shapes(shape)
     cm.check_payload(NAME, "q", q, torch.int8, q_shape)
     cm.check_payload(NAME, "scale", scale, torch.float32, scale_shape)
@@ -101,14 +76,14 @@ def _check_payloads(q, scale, idx, val, shape, dtype) -> tuple[int, int]:
 
 def compressed_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     cm.check_float_dtype(NAME, dtype)
-    tokens, channels = _tokens_channels(shape)
+    tokens, channels = cm.tokens_channels(NAME, shape)
     k = num_outliers(channels)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return tokens * channels + 4 * tokens * cm.num_groups(channels, GROUP) + 4 * k + tokens * k * itemsize
 
 
 def supports(shape: Sequence[int], dtype: torch.dtype) -> bool:
-    return dtype in cm.FLOAT_DTYPES and len(shape) >= 1 and shape[-1] > 0
+    return cm.supports_float(shape, dtype)
 
 
 def select_outliers(channel_absmax: torch.Tensor, k: int) -> torch.Tensor:
@@ -134,7 +109,7 @@ def _slot_map(idx: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def reference_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     rows = x.reshape(tokens, channels)
     xf = rows.to(torch.float32)
     magnitude = torch.where(torch.isfinite(xf), xf.abs(), float("inf"))
@@ -166,7 +141,7 @@ def reference_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.
 
 
 def compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     rows = x.contiguous().view(tokens, channels)
     if tokens:
         channel_absmax = torch.maximum(rows.amax(dim=0), rows.amin(dim=0).neg_())
@@ -285,7 +260,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
     ``absmax_splits``: token ranges the channel abs-max is split into (default:
     enough to fill the GPU; one on CPU).
     """
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     x = x.contiguous()
     q_shape, scale_shape, _, val_shape = _payload_shapes(x.shape)
     k = num_outliers(channels)
@@ -301,7 +276,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
     block_r = max(1, min(triton.next_power_of_2(rows), 4096 // GROUP))
     _compress_kernel[cm.grid_1d(rows, block_r)](
         x2, _slot_map(idx, channels), q, scale, val, rows, groups, channels, k, seed,
-        BLOCK_R=block_r, GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic),
+        BLOCK_R=block_r, GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False,
         num_warps=cm.warps_for(block_r * GROUP),
     )
     return q, scale, idx, val
@@ -328,8 +303,8 @@ def triton_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.dty
 # --------------------------------------------------------------------------------------
 
 
-def _compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    _check_input(x, seed)
+def compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
+    cm.check_input(NAME, x, seed)
     q_shape, scale_shape, idx_shape, val_shape = _payload_shapes(x.shape)
     return (
         x.new_empty(q_shape, dtype=torch.int8),
@@ -339,34 +314,16 @@ def _compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     )
 
 
-def _decompress_fake(q, scale, idx, val, shape: Sequence[int], dtype: torch.dtype):
+def decompress_fake(q, scale, idx, val, shape: Sequence[int], dtype: torch.dtype):
     cm.check_float_dtype(NAME, dtype, "output")
     return q.new_empty(list(shape), dtype=dtype)
 
 
-compress_op, decompress_op = cm.define_codec_ops(
-    NAME,
+CODEC = cm.define_codec(
+    sys.modules[__name__],
     ("q", "scale", "idx", "val"),
-    compress=compress,
-    compress_cuda=triton_compress,
-    compress_fake=_compress_fake,
-    decompress=decompress,
-    decompress_cuda=triton_decompress,
-    decompress_fake=_decompress_fake,
+    lossless=False,
+    description="int8, float32 scale per 32 channels, top ceil(C/128) abs-max channels kept exact; "
+    "for norm inputs and the residual stream",
 )
-
-CODEC = register_codec(
-    Codec(
-        name=NAME,
-        lossless=False,
-        num_payloads=4,
-        compress_op=compress_op,
-        decompress_op=decompress_op,
-        reference_compress=reference_compress,
-        reference_decompress=reference_decompress,
-        compressed_nbytes=compressed_nbytes,
-        supports=supports,
-        description="int8, float32 scale per 32 channels, top ceil(C/128) abs-max channels kept exact; "
-        "for norm inputs and the residual stream",
-    )
-)
+compress_op, decompress_op = CODEC.compress_op, CODEC.decompress_op

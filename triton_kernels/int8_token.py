@@ -23,6 +23,7 @@ sweep served mostly from cache.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -30,37 +31,12 @@ import triton
 import triton.language as tl
 
 from adacc_compiler.triton_kernels import _common as cm
-from adacc_compiler.triton_kernels.registry import Codec, register_codec
 
 NAME = "int8_token"
 QMAX = 127
 MAX_BLOCK_C = 8192
 
-__all__ = [
-    "NAME",
-    "compress",
-    "decompress",
-    "reference_compress",
-    "reference_decompress",
-    "triton_compress",
-    "triton_decompress",
-    "compressed_nbytes",
-    "supports",
-    "CODEC",
-]
-
-
-def _tokens_channels(shape: Sequence[int]) -> tuple[int, int]:
-    tokens, channels = cm.tokens_channels(NAME, shape)
-    if channels == 0:
-        raise ValueError(f"codec {NAME!r} needs a non-empty last dimension; got shape {tuple(shape)}")
-    return tokens, channels
-
-
-def _check_input(x: torch.Tensor, seed: int) -> tuple[int, int]:
-    cm.check_float_dtype(NAME, x.dtype)
-    cm.check_seed(NAME, seed)
-    return _tokens_channels(x.shape)
+__all__ = [*cm.CODEC_MODULE_API, "QMAX"]
 
 
 def _scale_shape(shape: Sequence[int]) -> list[int]:
@@ -69,7 +45,7 @@ def _scale_shape(shape: Sequence[int]) -> list[int]:
 
 def _check_payloads(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> tuple[int, int]:
     cm.check_float_dtype(NAME, dtype, "output")
-    tokens, channels = _tokens_channels(shape)
+    tokens, channels = cm.tokens_channels(NAME, shape)
     cm.check_payload(NAME, "q", q, torch.int8, shape)
     cm.check_payload(NAME, "scale", scale, torch.float32, _scale_shape(shape))
     return tokens, channels
@@ -77,12 +53,12 @@ def _check_payloads(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], 
 
 def compressed_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     cm.check_float_dtype(NAME, dtype)
-    tokens, channels = _tokens_channels(shape)
+    tokens, channels = cm.tokens_channels(NAME, shape)
     return tokens * channels + 4 * tokens
 
 
 def supports(shape: Sequence[int], dtype: torch.dtype) -> bool:
-    return dtype in cm.FLOAT_DTYPES and len(shape) >= 1 and shape[-1] > 0
+    return cm.supports_float(shape, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -91,7 +67,7 @@ def supports(shape: Sequence[int], dtype: torch.dtype) -> bool:
 
 
 def reference_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     rows = x.reshape(tokens, channels)
     noise = cm.cpu_noise((tokens, channels), seed, x.device) if stochastic else None
     codes, scale = cm.reference_quantize_groups(rows, QMAX, noise)
@@ -109,7 +85,7 @@ def reference_decompress(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[i
 
 
 def compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     rows = x.contiguous().view(tokens, channels)
     noise = cm.cpu_noise((tokens, channels), seed, x.device) if stochastic else None
     codes, scale = cm.fast_quantize_groups(rows, QMAX, noise)
@@ -179,7 +155,7 @@ def _decompress_kernel(q_ptr, scale_ptr, out_ptr, T, C, BLOCK_T: tl.constexpr, B
 
 def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *, max_block_c: int = MAX_BLOCK_C):
     """The Triton compress kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
-    tokens, channels = _check_input(x, seed)
+    tokens, channels = cm.check_input(NAME, x, seed)
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(_scale_shape(x.shape), dtype=torch.float32, device=x.device)
@@ -189,7 +165,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
     _compress_kernel[cm.grid_1d(tokens, block_t)](
         x, q, scale, tokens, channels, seed,
         BLOCK_T=block_t, BLOCK_C=block_c, SINGLE=channels <= block_c,
-        QMAX=QMAX, STOCHASTIC=bool(stochastic), num_warps=cm.warps_for(block_t * block_c),
+        QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False, num_warps=cm.warps_for(block_t * block_c),
     )
     return q, scale
 
@@ -214,38 +190,15 @@ def triton_decompress(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int]
 # --------------------------------------------------------------------------------------
 
 
-def _compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
-    _check_input(x, seed)
+def compress_fake(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
+    cm.check_input(NAME, x, seed)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(_scale_shape(x.shape), dtype=torch.float32)
 
 
-def _decompress_fake(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype: torch.dtype):
+def decompress_fake(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype: torch.dtype):
     cm.check_float_dtype(NAME, dtype, "output")
     return q.new_empty(list(shape), dtype=dtype)
 
 
-compress_op, decompress_op = cm.define_codec_ops(
-    NAME,
-    ("q", "scale"),
-    compress=compress,
-    compress_cuda=triton_compress,
-    compress_fake=_compress_fake,
-    decompress=decompress,
-    decompress_cuda=triton_decompress,
-    decompress_fake=_decompress_fake,
-)
-
-CODEC = register_codec(
-    Codec(
-        name=NAME,
-        lossless=False,
-        num_payloads=2,
-        compress_op=compress_op,
-        decompress_op=decompress_op,
-        reference_compress=reference_compress,
-        reference_decompress=reference_decompress,
-        compressed_nbytes=compressed_nbytes,
-        supports=supports,
-        description="int8, one float32 scale per token (row over the last dim); for linear-layer inputs",
-    )
-)
+CODEC = cm.define_codec(sys.modules[__name__], ("q", "scale"), lossless=False, description="int8, one float32 scale per token (row over the last dim); for linear-layer inputs")
+compress_op, decompress_op = CODEC.compress_op, CODEC.decompress_op
