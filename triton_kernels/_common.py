@@ -65,7 +65,9 @@ _FLOAT_NAMES = "float32, bfloat16, float16"
 # gradient purpose. A power of two keeps the floor exact in every dtype.
 AMAX_FLOOR = 2.0**-100
 
-_NAN = tl.constexpr(float("nan"))
+# NaN is made from its bits inside the kernels: a NaN constexpr global never
+# equals itself, which Triton's check of globals across kernels rejects.
+_NAN_BITS = tl.constexpr(0x7FC00000)
 INF = tl.constexpr(float("inf"))
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
@@ -258,7 +260,8 @@ def group_scales(amax, bad, QMAX: tl.constexpr):
     amax = tl.maximum(amax, _AMAX_FLOOR)
     inv = tl.math.div_rn(tl.full(amax.shape, QMAX, tl.float32), amax)
     scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
-    scale = tl.where(bad, _NAN, scale)
+    nan = tl.full(scale.shape, _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    scale = tl.where(bad, nan, scale)
     return inv, scale
 
 
