@@ -78,8 +78,7 @@ def compressed_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     cm.check_float_dtype(NAME, dtype)
     tokens, channels = cm.tokens_channels(NAME, shape)
     k = num_outliers(channels)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return tokens * channels + 4 * tokens * cm.num_groups(channels, GROUP) + 4 * k + tokens * k * itemsize
+    return tokens * channels + 4 * tokens * cm.num_groups(channels, GROUP) + 4 * k + tokens * k * dtype.itemsize
 
 
 def supports(shape: Sequence[int], dtype: torch.dtype) -> bool:
