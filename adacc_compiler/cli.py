@@ -1,0 +1,323 @@
+"""The ``adacc`` command: ``adacc train``, ``adacc explain`` and ``adacc bench``.
+
+* ``adacc train`` trains a small Llama on the Python standard library's source
+  with adacc under a memory budget next to stock Inductor, and writes a
+  comparison table and plots (:mod:`adacc_compiler.train`).
+* ``adacc explain`` compiles a model with adacc, runs one step and prints each
+  graph's plan (per-tensor decisions), writing adacc's dumps.
+* ``adacc bench`` compares eager, activation checkpointing, stock Inductor,
+  PyTorch's budgeted partitioner and adacc side by side
+  (:mod:`adacc_compiler.bench`); ``--check`` turns it into a regression check
+  against a baseline, ``--plot`` draws a Pareto figure from saved results.
+
+Installed as a console script; ``python -m adacc_compiler.cli`` works too.
+"""
+
+from __future__ import annotations
+
+import os
+
+# On a small shared CPU box, OpenMP threads that spin-wait between parallel
+# regions (the default) starve each other and any other process: the same
+# eager step went from 0.1 s to 2 s. Sleeping waits make timings sane. It must
+# be set before torch loads its OpenMP runtime, so torch is imported lazily
+# below and `import adacc_compiler` itself does not import it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _paragraphs(*paras: str) -> str:
+    return "\n\n".join(textwrap.fill(p, 79) for p in paras)
+
+
+def _budget_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _model_names() -> list[str]:
+    # The names only: importing adacc_compiler.models would import torch.
+    return ["gpt", "gpt2", "llama"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adacc",
+        description="adacc: a torch.compile backend that fits training into a memory budget.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log adacc's plans (INFO) and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="{train,explain,bench}")
+    sub.required = True
+
+    # -- train
+    t = sub.add_parser(
+        "train",
+        help="train a small Llama on real text with adacc next to stock Inductor",
+        description=_paragraphs(
+            "Train a byte-level Hugging Face Llama (random init) on the Python standard library's source "
+            "with adacc at --budget, step for step next to the same model on stock Inductor; print a table "
+            "(measured saved and peak memory, step-time ratio, final and held-out loss) and write "
+            "summary.json, losses.csv, loss_curves.png, memory_timeline.png and adacc's dumps to --out."
+        ),
+        formatter_class=_Formatter,
+    )
+    t.add_argument("--budget", type=_budget_fraction, default=0.5, help="adacc memory_budget: fraction of stock Inductor's activation peak")
+    t.add_argument("--steps", type=int, default=400, help="training steps (each runs both models)")
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--width", type=int, default=192, help="hidden size (4 query heads, 2 KV heads)")
+    t.add_argument("--seq", type=int, default=128, help="sequence length in bytes")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (warm-up, then cosine decay)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, default=Path("adacc_train_out"), help="output directory")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    # -- explain
+    e = sub.add_parser(
+        "explain",
+        help="compile a model with adacc, run one step, print the plan and write the dumps",
+        description=_paragraphs(
+            "Compile a benchmark model with adacc at --budget, run one training step, and print each "
+            "compiled graph's plan: a header (budget, stock Inductor's saved bytes and peak, the plan's "
+            "predicted peak, decision counts, solver status) and one row per activation (tensor, shape, "
+            "dtype, bytes, producer op, layer, decision, estimated recompute cost). The dumps "
+            "(graphs as code, plan, solver summary, memory timeline CSV and PNG) go to --dump-dir."
+        ),
+        formatter_class=_Formatter,
+    )
+    e.add_argument("--model", choices=_model_names(), default="llama")
+    e.add_argument("--layers", type=int, default=4)
+    e.add_argument("--budget", type=_budget_fraction, default=0.5)
+    e.add_argument("--batch", type=int, default=None, help="batch size (model default 4)")
+    e.add_argument("--seq", type=int, default=None, help="sequence length (model default 128)")
+    e.add_argument("--width", type=int, default=None, help="hidden size (model default 256)")
+    e.add_argument("--dump-dir", type=Path, default=Path("adacc_dumps"))
+    e.add_argument("--no-profile", action="store_true", help="roofline op costs instead of timing each op")
+
+    # -- bench
+    b = sub.add_parser(
+        "bench",
+        help="eager, checkpointing, Inductor, PyTorch's budget and adacc side by side; regression check; Pareto plot",
+        description=_paragraphs(
+            "Compare eager, activation checkpointing (ac), stock Inductor, Inductor with "
+            "activation_memory_budget (pt<b>) and adacc (adacc<b>) side by side in one process on a "
+            "named model: measured saved and peak memory, step-time ratio to stock Inductor (median of "
+            "interleaved rounds), gradient error, compile time. Writes <out>/e2e_<model><layers><tag>"
+            ".csv, .json, _machine.json and _pareto.png.",
+            "Regression check: --check BASELINE.json compares each adacc variant with the baseline "
+            "(a results JSON or a --save-baseline file): it fails when a step-time ratio exceeds the "
+            "baseline's by more than --tolerance (relative: ratio > baseline * (1 + T)), or when "
+            "measured saved memory exceeds the variant's budget by more than 2%. Exit code 1 on "
+            "failure, 0 on success.",
+            "Plot only: --plot A.json B.json ... --out FIG.png draws one Pareto figure (a subplot per "
+            "model) from saved results without running anything."
+        ),
+        formatter_class=_Formatter,
+    )
+    b.add_argument("--model", choices=_model_names(), default="llama")
+    b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--batch", type=int, default=None, help="batch size (model default 4)")
+    b.add_argument("--seq", type=int, default=None, help="sequence length (model default 128)")
+    b.add_argument("--width", type=int, default=None, help="hidden size (model default 256)")
+    b.add_argument("--budgets", type=_budget_fraction, nargs="*", default=[0.7, 0.6, 0.5, 0.45, 0.4], help="adacc memory_budget values")
+    b.add_argument(
+        "--pt-budgets", type=_budget_fraction, nargs="*", default=[0.7, 0.5, 0.3, 0.1],
+        help="torch._functorch.config.activation_memory_budget values",
+    )
+    b.add_argument(
+        "--variants", default=None,
+        help="comma-separated names or families to run, e.g. eager,ac,inductor,pt or inductor,adacc0.5 (default: all)",
+    )
+    b.add_argument("--baseline-variant", default="inductor", help="variant the step ratios are relative to")
+    b.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before timing")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", type=Path, default=None, help="output directory (default adacc_bench_out); with --plot, the PNG file")
+    b.add_argument("--tag", default="", help="suffix for the output file names")
+    b.add_argument("--check", type=Path, default=None, metavar="BASELINE.json", help="fail if this run regresses against the baseline")
+    b.add_argument("--tolerance", type=float, default=0.10, help="relative step-ratio tolerance of --check (0.10 = 10%%)")
+    b.add_argument("--save-baseline", type=Path, default=None, metavar="PATH", help="also write this run as a baseline JSON")
+    b.add_argument("--plot", type=Path, nargs="+", default=None, metavar="RESULTS.json", help="only draw a Pareto figure from these results")
+    b.add_argument("--x", choices=["saved", "peak", "both"], default="saved", help="memory on the Pareto plot's x axis")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        logging.getLogger("adacc_compiler").setLevel(logging.INFO)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from adacc_compiler.train import TrainConfig, format_summary, run_train
+
+    config = TrainConfig(
+        budget=args.budget,
+        steps=args.steps,
+        layers=args.layers,
+        width=args.width,
+        seq=args.seq,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    result = run_train(config)
+    print()
+    print(format_summary(result))
+    print(f"\nwrote {', '.join(str(p) for p in result.paths)} in {result.elapsed_s:.0f} s")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from adacc_compiler.backend import compiled_graphs
+    from adacc_compiler.bench import _adacc_backend_ref, make_step
+    from adacc_compiler.measure import saved_activation_bytes
+    from adacc_compiler.models import loss_of, make_model
+
+    kw = {k: getattr(args, k) for k in ("batch", "seq", "width") if getattr(args, k) is not None}
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    model, batch = make_model(args.model, args.layers, **kw)
+    options = {"memory_budget": args.budget, "dump_dir": str(args.dump_dir)}
+    if args.no_profile:
+        options["profile"] = False
+    fwd = torch.compile(model, backend=_adacc_backend_ref(), options=options)
+    before = len(compiled_graphs())
+    make_step(model, fwd, batch)()
+    records = compiled_graphs()[before:]
+    if not records:
+        print("adacc compiled no graph that needs gradients", file=sys.stderr)
+        return 1
+    exclude = [*model.parameters(), *model.buffers(), *batch.values()]
+    saved = saved_activation_bytes(lambda: loss_of(fwd(**batch)), exclude=exclude)
+    shape = "x".join(str(s) for s in next(iter(batch.values())).shape)
+    print(f"{args.model}, {args.layers} layers, batch {shape}, memory_budget={args.budget:g}: {len(records)} graph(s)\n")
+    for r in records:
+        plan_txt = Path(r.dump_path) / "plan.txt" if r.dump_path else None
+        if plan_txt is not None and plan_txt.is_file():
+            print(plan_txt.read_text().rstrip())
+        else:
+            print(r.plan.table())
+        print()
+    budget = sum(r.plan.budget_bytes for r in records)
+    print(
+        f"measured: one forward saves {saved / 2**20:.2f} MiB for the backward "
+        f"(budget {budget / 2**20:.2f} MiB, {'within' if saved <= budget else 'OVER'} it)"
+    )
+    dirs = sorted({str(Path(r.dump_path)) for r in records if r.dump_path})
+    print("dumps: " + ", ".join(dirs) + " (see README.md, 'Reading the dumps')")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from adacc_compiler import bench
+
+    axes = ("saved", "peak") if args.x == "both" else (args.x,)
+    if args.plot:
+        if args.check or args.save_baseline:
+            raise ValueError("--plot: only draws a figure; it cannot be combined with --check or --save-baseline")
+        out = args.out if args.out is not None else Path("pareto.png")
+        if out.suffix.lower() != ".png":
+            out = out / "pareto.png"
+        runs = [bench.load_results(p)[0] for p in args.plot]
+        if not bench.plot_pareto(runs, out, x=axes):
+            return 1
+        print(f"wrote {out}")
+        return 0
+
+    config = bench.BenchConfig(
+        model=args.model,
+        layers=args.layers,
+        batch=args.batch,
+        seq=args.seq,
+        width=args.width,
+        budgets=tuple(args.budgets),
+        pt_budgets=tuple(args.pt_budgets),
+        variants=args.variants,
+        baseline=args.baseline_variant,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        seed=args.seed,
+        out=args.out if args.out is not None else Path("adacc_bench_out"),
+        tag=args.tag,
+    )
+    baseline_rows = None
+    if args.check is not None:
+        # Read the baseline first: a missing file should not cost a whole run.
+        baseline_rows, baseline_meta = bench.load_results(args.check)
+        bench.check_setup_matches(config, baseline_meta)
+        if args.tolerance < 0:
+            raise ValueError(f"--tolerance: must be >= 0 (relative, 0.10 = 10%), got {args.tolerance}")
+    result = bench.run_bench(config)
+    if args.x != "saved" and result.paths:
+        bench.plot_pareto([result.rows], config.out / f"{config.stem}_pareto.png", x=axes)
+    if args.save_baseline is not None:
+        result.paths.append(bench.save_baseline(args.save_baseline, result.rows, result.meta))
+    meta = result.meta
+    print()
+    print(
+        f"{config.model} {config.layers} layers, batch {tuple(meta['batch_shape'])}, {meta['n_params'] / 1e6:.2f} M params; "
+        f"ratios to {meta['baseline']}, median of {config.rounds} interleaved rounds"
+    )
+    print(bench.format_table(result.rows))
+    print(f"\nwrote {', '.join(str(p) for p in result.paths)} in {meta['elapsed_s']:.0f} s")
+    if baseline_rows is not None:
+        report = bench.check_results(result.rows, baseline_rows, tolerance=args.tolerance)
+        print()
+        print(report.format())
+        return 0 if report.ok else 1
+    return 0 if result.ok else 1
+
+
+_COMMANDS = {"train": _cmd_train, "explain": _cmd_explain, "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``adacc`` command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, RuntimeError) as err:
+        if args.verbose:
+            log.exception("adacc %s failed", args.command)
+        text = str(err).strip().splitlines()
+        print(f"adacc {args.command}: error: {text[0] if text else type(err).__name__}", file=sys.stderr)
+        for line in text[1:3]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"adacc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
