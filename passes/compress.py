@@ -40,6 +40,13 @@ Three steps, each a function:
    right before the value's first backward reader; the backward's readers take
    the decoded value. The rewrite is undone on exit, so one joint graph serves
    several plans.
+
+   On the GPU the nodes call the codec's ops (fused Triton kernels). On the
+   CPU, with round-to-nearest, the codec's plain-PyTorch definition is traced
+   and inlined instead (:func:`fusible_on`), so Inductor fuses the encode into
+   the producer's kernel and the decode into the reader's: one pass over
+   memory each, where an opaque op would cost several. Stochastic rounding
+   always calls the ops (their noise comes from a seeded generator).
 """
 
 from __future__ import annotations
@@ -398,6 +405,89 @@ def _seed(node: fx.Node) -> int:
     return zlib.crc32(node.name.encode()) & 0x7FFFFFFF
 
 
+def fusible_on(device: torch.device, *, stochastic: bool) -> bool:
+    """Whether codecs on ``device`` are inlined as traced PyTorch (see the module docstring)."""
+    return device.type == "cpu" and not stochastic
+
+
+def _traced(fn, *fake_args) -> fx.GraphModule:
+    """``fn`` traced into ATen ops on the joint graph's fake values."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    mode = detect_fake_mode([a for a in fake_args if isinstance(a, torch.Tensor)])
+    assert mode is not None, "adacc internal error: joint graph values carry no fake mode"
+    with mode:
+        # Functional ATen only: the joint graph holds no mutations.
+        # Decomposed as Inductor decomposes the joint graph.
+        from torch._inductor.decomposition import select_decomp_table
+
+        gm = make_fx(
+            torch.func.functionalize(fn, remove="mutations"),
+            tracing_mode="real",
+            decomposition_table=select_decomp_table(),
+        )(*fake_args)
+    # Scalar constants (a Python number written into a tensor) become graph
+    # ops, so the inlined code needs no attributes on the joint graph.
+    for n in list(gm.graph.nodes):
+        if n.op != "get_attr":
+            continue
+        value = getattr(gm, n.target)
+        assert isinstance(value, torch.Tensor), f"adacc internal error: a traced codec holds {type(value)}"
+        if value.numel() != 1:
+            continue  # copied onto the joint graph by _inline
+        with _disable_current_modes():
+            scalar = value.item()
+        with gm.graph.inserting_before(n):
+            full = gm.graph.call_function(
+                aten.full.default,
+                (list(value.shape), scalar),
+                {"dtype": value.dtype, "device": fake_args[0].device},
+            )
+        with mode:
+            full.meta["val"] = torch.full(value.shape, scalar, dtype=value.dtype, device=fake_args[0].device)
+        n.replace_all_uses_with(full)
+        gm.graph.erase_node(n)
+    return gm
+
+
+def _inline(
+    gm: fx.GraphModule, sub: fx.GraphModule, inputs: Sequence[fx.Node], added: list[fx.Node], attrs: list[str]
+) -> list[fx.Node]:
+    """Copy ``sub``'s nodes at ``gm``'s insertion point; return its outputs.
+
+    Tensor constants become attributes of ``gm`` (their names go to ``attrs``).
+    """
+    from torch._guards import detect_fake_mode
+
+    graph = gm.graph
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = iter(inputs)
+    outputs: list[fx.Node] = []
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = next(placeholders)
+        elif n.op == "get_attr":
+            name = f"_adacc_codec_constant_{len(attrs)}"
+            while hasattr(gm, name):
+                name += "_"
+            value = getattr(sub, n.target)
+            gm.register_buffer(name, value)
+            attrs.append(name)
+            env[n] = graph.get_attr(name)
+            mode = detect_fake_mode([i.meta.get("val") for i in inputs])
+            env[n].meta["val"] = mode.from_tensor(value, static_shapes=True)
+            added.append(env[n])
+        elif n.op == "output":
+            out = n.args[0]
+            outputs = [env[out]] if isinstance(out, fx.Node) else [env[a] for a in out]
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            added.append(env[n])
+    return outputs
+
+
 def _fake_call(op, *args, **kwargs):
     from torch._guards import detect_fake_mode
 
@@ -423,12 +513,34 @@ def codecs_inserted(
 
     graph = info.gm.graph
     added: list[fx.Node] = []
+    attrs: list[str] = []
     rewired: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (reader, original, decoded)
     payloads: dict[fx.Node, list[fx.Node]] = {}
     try:
         for node in sorted(compress, key=info.order.__getitem__):
             codec = get_codec(compress[node])
             val = node.meta["val"]
+            readers = sorted((u for u in node.users if u in info.bw_pos), key=info.order.__getitem__)
+            assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
+            shape = [int(s) for s in val.shape]
+            if fusible_on(val.device, stochastic=stochastic):
+                enc = _traced(lambda x: tuple(codec.reference_compress(x)), val)
+                with graph.inserting_before(node.next):
+                    items = _inline(info.gm, enc, [node], added, attrs)
+                assert len(items) == codec.num_payloads, codec.name
+                for item in items:
+                    item.meta["adacc_payload"] = codec.name
+                payloads[node] = items
+                dec_gm = _traced(
+                    lambda *p: codec.reference_decompress(*p, shape, val.dtype), *[i.meta["val"] for i in items]
+                )
+                with graph.inserting_before(readers[0]):
+                    (dec,) = _inline(info.gm, dec_gm, items, added, attrs)
+                dec.meta["adacc_decompress"] = codec.name
+                for r in readers:
+                    r.replace_input_with(node, dec)
+                    rewired.append((r, node, dec))
+                continue
             kwargs = {"stochastic": stochastic, "seed": _seed(node)}
             fake_payload = _fake_call(codec.compress_op, val, **kwargs)
             assert len(fake_payload) == codec.num_payloads, codec.name
@@ -447,9 +559,6 @@ def codecs_inserted(
                 added.append(item)
                 anchor = item
             payloads[node] = items
-            readers = sorted((u for u in node.users if u in info.bw_pos), key=info.order.__getitem__)
-            assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
-            shape = [int(s) for s in val.shape]
             with graph.inserting_before(readers[0]):
                 dec = graph.call_function(_overload(codec.name, "decompress"), (*items, shape, val.dtype))
             dec.meta["val"] = _fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
@@ -464,6 +573,8 @@ def codecs_inserted(
             reader.replace_input_with(decoded, original)
         for n in reversed(added):
             graph.erase_node(n)
+        for name in attrs:
+            delattr(info.gm, name)
 
 
 def _overload(codec: str, kind: str) -> torch._ops.OpOverload:
