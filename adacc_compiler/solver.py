@@ -598,10 +598,12 @@ def solve_plan(
     banned: list[tuple[fx.Node, fx.Node]] = []
     res = None
     closest: SolveResult | None = None  # the round that overshot least
+    # The model's intervals, with the heads and tails plans showed (see below).
+    learning = dataclasses.replace(iv, need=dict(iv.need), last_recomputed=dict(iv.last_recomputed))
     last_bans = 0
     for _ in range(max_rounds):
         try:
-            res = _solve_once(info, iv, costs, target, time_limit, mip_gap, share_layers, banned, codec_options)
+            res = _solve_once(info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options)
         except _ModelInfeasible:
             log.debug("MILP target %d with %d banned pairs: infeasible", target, len(banned))
             if not last_bans or res is None:
@@ -624,8 +626,22 @@ def solve_plan(
             return res
         if closest is None or res.predicted_peak < closest.predicted_peak:
             closest = res
-        # Ban the pulls that put values alive where the plan overflows; lower
-        # the target only when there is nothing left to ban.
+        # Learn from the plan: a value it recomputes is charged from then on
+        # with the head (and tail) its own intervals showed, which a chain of
+        # pulls may have moved past what the windowed model assumed. Lower the
+        # target only when there is nothing left to learn.
+        learned = 0
+        for c in res.recompute:
+            if own_iv.need[c] < learning.need[c] - _PULL_EPS:
+                learning.need[c] = own_iv.need[c]
+                learned += 1
+            if own_iv.last_recomputed[c] > learning.last_recomputed[c]:
+                learning.last_recomputed[c] = own_iv.last_recomputed[c]
+                learned += 1
+        log.debug("learned %d heads/tails from the plan's own intervals", learned)
+        if learned:
+            continue
+        # Ban the pulls that put values alive where the plan overflows.
         over = [own.points[k] for k in range(len(own.points)) if profile[k] > budget_bytes]
         new = []
         for c in res.recompute:
@@ -658,9 +674,10 @@ def solve_plan(
         )
         if best is None or peak < best[0]:
             best = (peak, save, recompute, keep, compress, model, x)
+    # The stated smallest budget comes from the smallest-peak plans only: they
+    # do not depend on the budget, so solving again at the stated budget is
+    # sure to find one that fits.
     smallest, save, recompute, keep, compress, model, x = best
-    if closest is not None:
-        smallest = min(smallest, closest.predicted_peak)
     if smallest > budget_bytes:
         raise InfeasibleBudgetError(
             f"memory budget of {budget_bytes} bytes is infeasible; the smallest budget adacc finds feasible is "
