@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 MiB = float(1 << 20)
 FAMILIES = ("eager", "ac", "inductor", "pt", "adacc")
+#: Values of adacc's ``compress`` option (None: adacc's default).
+COMPRESS_CHOICES = ("lossy", "lossless", "off")
 #: Measured saved memory may exceed an adacc variant's budget by this fraction
 #: before the regression check fails (the pack hooks count whole storages).
 MEMORY_ALLOWANCE = 0.02
@@ -88,6 +90,7 @@ COLUMNS = [
     "graphs",
     "budget_mib",
     "plan_peak_mib",
+    "compress",
     "status",
     "error",
 ]
@@ -123,8 +126,11 @@ class BenchConfig:
     seed: int = 0
     out: Path = Path("adacc_bench_out")
     tag: str = ""
+    compress: str | None = None  # adacc's `compress` option for every adacc variant; None: its default
 
     def __post_init__(self) -> None:
+        if self.compress is not None and self.compress not in COMPRESS_CHOICES:
+            raise ValueError(f"compress: must be one of {COMPRESS_CHOICES} (or None for adacc's default), got {self.compress!r}")
         if self.model not in MODELS:
             raise ValueError(f"model: unknown model {self.model!r}; choose from {sorted(MODELS)}")
         for name in ("layers", "rounds"):
@@ -219,14 +225,17 @@ def _adacc_backend_ref() -> Any:
     return adacc_backend
 
 
-def _build_adacc(budget: float) -> Callable[[nn.Module], Callable]:
+def _build_adacc(budget: float, options: dict[str, Any] | None = None) -> Callable[[nn.Module], Callable]:
     def build(m: nn.Module) -> Callable:
-        return torch.compile(m, backend=_adacc_backend_ref(), options={"memory_budget": budget})
+        return torch.compile(m, backend=_adacc_backend_ref(), options={**(options or {}), "memory_budget": budget})
 
     return build
 
 
-def make_variants(budgets: Sequence[float], pt_budgets: Sequence[float]) -> list[Variant]:
+def make_variants(
+    budgets: Sequence[float], pt_budgets: Sequence[float], *, adacc_options: dict[str, Any] | None = None
+) -> list[Variant]:
+    """Every variant, in the order they are prepared; ``adacc_options`` go to each adacc variant."""
     vs = [
         Variant("eager", "eager", None, _build_eager, compiled=False),
         Variant("ac", "ac", None, _build_ac, compiled=False),
@@ -244,7 +253,7 @@ def make_variants(budgets: Sequence[float], pt_budgets: Sequence[float]) -> list
             )
         )
     for b in budgets:
-        vs.append(Variant(f"adacc{b:g}", "adacc", b, _build_adacc(b), compiled=True))
+        vs.append(Variant(f"adacc{b:g}", "adacc", b, _build_adacc(b, adacc_options), compiled=True))
     return vs
 
 
@@ -355,6 +364,8 @@ def prepare_variant(
                 raise RuntimeError("adacc compiled no graph that needs gradients for this variant")
             row["budget_mib"] = sum(p.budget_bytes for p in plans) / MiB
             row["plan_peak_mib"] = sum(p.predicted_peak_bytes for p in plans) / MiB
+            # What the compiles really used: the option, else ADACC_COMPRESS, else the default.
+            row["compress"] = getattr(compiled_graphs()[plans0].config, "compress", None)
 
         if ref is not None:
             row["grad_rel_err"] = measure.grad_relative_error(ref, model)
@@ -443,7 +454,10 @@ def run_bench(config: BenchConfig, *, write: bool = True) -> BenchResult:
         pass
 
     t_start = time.perf_counter()
-    variants = select_variants(make_variants(config.budgets, config.pt_budgets), config.variants)
+    adacc_options = {} if config.compress is None else {"compress": config.compress}
+    variants = select_variants(
+        make_variants(config.budgets, config.pt_budgets, adacc_options=adacc_options), config.variants
+    )
     torch.manual_seed(config.seed)
     kw: dict[str, Any] = {"seed": config.seed}
     for name in ("batch", "seq", "width"):
@@ -749,7 +763,7 @@ def check_results(
 
 #: Settings a baseline and the run checked against it must share: anything
 #: else makes the ratios incomparable.
-_SAME_SETUP = ("model", "layers", "batch", "seq", "width", "seed", "baseline")
+_SAME_SETUP = ("model", "layers", "batch", "seq", "width", "seed", "baseline", "compress")
 
 
 def check_setup_matches(config: BenchConfig, baseline_meta: dict[str, Any]) -> None:
@@ -793,6 +807,27 @@ _STYLE = {
 }
 
 
+def _series(row: dict[str, Any]) -> str:
+    """The plot series of a row: its family, adacc split by its ``compress`` setting."""
+    fam = _family(row["variant"])
+    if fam == "adacc" and row.get("compress"):
+        return f"adacc:{row['compress']}"
+    return fam
+
+
+def _style(series: str) -> dict[str, Any]:
+    if series in _STYLE:
+        return _STYLE[series]
+    mode = series.split(":", 1)[1]
+    color = {"lossy": "tab:blue", "lossless": "tab:purple", "off": "tab:cyan"}.get(mode, "tab:blue")
+    what = {
+        "lossy": "retain / recompute / lossy compression",
+        "lossless": "retain / recompute / lossless compression",
+        "off": "retain / recompute only",
+    }.get(mode, f"compress={mode}")
+    return {"color": color, "marker": "o" if mode == "lossy" else "D", "label": f"adacc ({what})"}
+
+
 def plot_pareto(
     runs: Sequence[list[dict[str, Any]]],
     path: str | os.PathLike[str],
@@ -804,12 +839,14 @@ def plot_pareto(
 
     ``runs`` holds the rows of one or several runs; rows are grouped by
     ``(model, layers)``, one column of subplots per group, one row of
-    subplots per entry of ``x`` (``"saved"`` and/or ``"peak"``). adacc and
-    PyTorch's budgeted partitioner are drawn as lines through their budgets
-    (sorted by memory), each labelled with its budget; activation
-    checkpointing, stock Inductor and eager as single markers. Failed
-    variants are left out. Returns ``False`` (after a warning) when
-    matplotlib is missing, ``True`` once the PNG is written.
+    subplots per entry of ``x`` (``"saved"`` and/or ``"peak"``). adacc (one
+    line per ``compress`` setting) and PyTorch's budgeted partitioner are
+    drawn as lines through their budgets (in budget order), each point
+    labelled with its budget; activation checkpointing, stock Inductor and
+    eager as single markers. Where several runs of one model hold the same
+    series, the first run's is drawn. Failed variants are left out. Returns
+    ``False`` (after a warning) when matplotlib is missing, ``True`` once the
+    PNG is written.
     """
     for xk in x:
         if xk not in _X_COLUMNS:
@@ -823,49 +860,59 @@ def plot_pareto(
         log.warning("matplotlib is not installed; no Pareto plot written (pip install matplotlib)")
         return False
 
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    # (model, layers) -> series -> rows, the first run holding a series wins.
+    groups: dict[tuple[str, Any], dict[str, list[dict[str, Any]]]] = {}
     for rows in runs:
+        by_series: dict[tuple[str, Any], dict[str, list[dict[str, Any]]]] = {}
         for r in rows:
-            groups.setdefault((str(r.get("model")), r.get("layers")), []).append(r)
+            if r.get("status") == "ok" and _finite(r.get("step_ratio")):
+                by_series.setdefault((str(r.get("model")), r.get("layers")), {}).setdefault(_series(r), []).append(r)
+        for key, series in by_series.items():
+            group = groups.setdefault(key, {})
+            for name, rs in series.items():
+                group.setdefault(name, rs)
     if not groups:
-        raise ValueError("nothing to plot: no rows")
+        raise ValueError("nothing to plot: no variant with a measured step ratio")
 
     ncols, nrows = len(groups), len(x)
     fig = Figure(figsize=(6.5 * ncols, 4.8 * nrows), dpi=110)
     FigureCanvasAgg(fig)
     handles: dict[str, Any] = {}
-    for j, ((model, layers), rows) in enumerate(groups.items()):
-        ok = [r for r in rows if r.get("status") == "ok" and _finite(r.get("step_ratio"))]
+    present = {n for g in groups.values() for n in g}
+    order = [*sorted(n for n in present if n.startswith("adacc:")), *(n for n in _STYLE if n in present)]
+    for j, ((model, layers), series) in enumerate(groups.items()):
         for i, xk in enumerate(x):
             col, xlabel = _X_COLUMNS[xk]
             ax = fig.add_subplot(nrows, ncols, i * ncols + j + 1)
-            for fam, style in _STYLE.items():
+            for name in order:
+                if name not in series or (name == "adacc" and any(n.startswith("adacc:") for n in series)):
+                    continue
+                style = _style(name)
+                # A line runs through the budgets in order, whatever the memory does.
                 pts = sorted(
-                    (r[col], r["step_ratio"], r.get("budget"))
-                    for r in ok
-                    if _family(r["variant"]) == fam and _finite(r.get(col))
+                    ((r[col], r["step_ratio"], r.get("budget")) for r in series[name] if _finite(r.get(col))),
+                    key=lambda p: (-(p[2] or 0.0), p[0]),
                 )
                 if not pts:
                     continue
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                line = fam in ("adacc", "pt")
+                line = _family(series[name][0]["variant"]) in ("adacc", "pt")
                 (h,) = ax.plot(
-                    xs,
-                    ys,
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
                     linestyle="-" if line else "none",
                     marker=style["marker"],
-                    markersize=11 if fam == "inductor" else 7,
+                    markersize=11 if name == "inductor" else 7,
                     color=style["color"],
                     label=style["label"],
                 )
-                handles.setdefault(fam, h)
+                handles.setdefault(name, h)
                 if line:
                     for px, py, b in pts:
                         ax.annotate(
                             f"{b:g}",
                             (px, py),
                             textcoords="offset points",
-                            xytext=(4, 5 if fam == "adacc" else -11),
+                            xytext=(4, -11 if name == "pt" else 5),
                             fontsize=7,
                             color=style["color"],
                         )
@@ -875,15 +922,17 @@ def plot_pareto(
             ax.set_ylabel("step time / stock Inductor")
             ax.set_title(f"{model}, {layers} layers" + (f" ({xk})" if nrows > 1 else ""))
             ax.grid(True, alpha=0.3)
+    names = [n for n in order if n in handles]
     fig.legend(
-        [handles[f] for f in _STYLE if f in handles],
-        [_STYLE[f]["label"] for f in _STYLE if f in handles],
+        [handles[n] for n in names],
+        [_style(n)["label"] for n in names],
         loc="lower center",
-        ncol=min(3, len(handles)),
+        ncol=min(3, len(names)),
         fontsize="small",
     )
+    legend_rows = math.ceil(len(names) / 3)
     fig.suptitle(title or "activation memory vs. step time (lower left is better; labels are budgets)", fontsize="medium")
-    fig.tight_layout(rect=(0, 0.08 if len(handles) > 3 else 0.05, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.035 * legend_rows / nrows + 0.02, 1, 0.96))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -53,9 +53,21 @@ def _budget_fraction(text: str) -> float:
     return value
 
 
+_COMPRESS = ("lossy", "lossless", "off")
+
+
 def _model_names() -> list[str]:
     # The names only: importing adacc_compiler.models would import torch.
     return ["gpt", "gpt2", "llama"]
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark model and its shape (adacc_compiler.models.make_model)."""
+    p.add_argument("--model", choices=_model_names(), default="llama")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None, help="batch size (model default 4)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (model default 128)")
+    p.add_argument("--width", type=int, default=None, help="hidden size (model default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("adacc_train_out"), help="output directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    t.add_argument("--compress", choices=_COMPRESS, default=None, help="adacc's compress option (default: adacc's own, see README)")
 
     # -- explain
     e = sub.add_parser(
@@ -104,14 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_Formatter,
     )
-    e.add_argument("--model", choices=_model_names(), default="llama")
-    e.add_argument("--layers", type=int, default=4)
+    _add_model_arguments(e)
     e.add_argument("--budget", type=_budget_fraction, default=0.5)
-    e.add_argument("--batch", type=int, default=None, help="batch size (model default 4)")
-    e.add_argument("--seq", type=int, default=None, help="sequence length (model default 128)")
-    e.add_argument("--width", type=int, default=None, help="hidden size (model default 256)")
     e.add_argument("--dump-dir", type=Path, default=Path("adacc_dumps"))
     e.add_argument("--no-profile", action="store_true", help="roofline op costs instead of timing each op")
+    e.add_argument("--compress", choices=_COMPRESS, default=None, help="adacc's compress option (default: adacc's own)")
 
     # -- bench
     b = sub.add_parser(
@@ -133,11 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_Formatter,
     )
-    b.add_argument("--model", choices=_model_names(), default="llama")
-    b.add_argument("--layers", type=int, default=4)
-    b.add_argument("--batch", type=int, default=None, help="batch size (model default 4)")
-    b.add_argument("--seq", type=int, default=None, help="sequence length (model default 128)")
-    b.add_argument("--width", type=int, default=None, help="hidden size (model default 256)")
+    _add_model_arguments(b)
     b.add_argument("--budgets", type=_budget_fraction, nargs="*", default=[0.7, 0.6, 0.5, 0.45, 0.4], help="adacc memory_budget values")
     b.add_argument(
         "--pt-budgets", type=_budget_fraction, nargs="*", default=[0.7, 0.5, 0.3, 0.1],
@@ -158,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--save-baseline", type=Path, default=None, metavar="PATH", help="also write this run as a baseline JSON")
     b.add_argument("--plot", type=Path, nargs="+", default=None, metavar="RESULTS.json", help="only draw a Pareto figure from these results")
     b.add_argument("--x", choices=["saved", "peak", "both"], default="saved", help="memory on the Pareto plot's x axis")
+    b.add_argument("--compress", choices=_COMPRESS, default=None, help="adacc's compress option for every adacc variant (default: adacc's own)")
     return parser
 
 
@@ -181,6 +188,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
         progress=not args.no_progress,
+        compress=args.compress,
     )
     result = run_train(config)
     print()
@@ -208,6 +216,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     options = {"memory_budget": args.budget, "dump_dir": str(args.dump_dir)}
     if args.no_profile:
         options["profile"] = False
+    if args.compress is not None:
+        options["compress"] = args.compress
     fwd = torch.compile(model, backend=_adacc_backend_ref(), options=options)
     before = len(compiled_graphs())
     make_step(model, fwd, batch)()
@@ -267,6 +277,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out if args.out is not None else Path("adacc_bench_out"),
         tag=args.tag,
+        compress=args.compress,
     )
     baseline_rows = None
     if args.check is not None:

@@ -150,17 +150,21 @@ def llama_config(
     vocab: int = VOCAB,
     heads: int = 4,
     kv_heads: int = 2,
+    mlp: int | None = None,
     max_seq: int = 256,
     attn: str = "eager",
 ) -> Any:
-    """A small ``LlamaConfig`` (GQA, untied embeddings, no KV cache)."""
+    """A ``LlamaConfig`` (GQA, untied embeddings, no KV cache, no dropout).
+
+    ``mlp`` defaults to Llama's 8/3 of ``width`` rounded up to a multiple of 16.
+    """
     transformers = _import_transformers()
     if width % heads:
         raise ValueError(f"width: must be a multiple of heads={heads}, got {width}")
     cfg = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=width,
-        intermediate_size=_llama_mlp_width(width),
+        intermediate_size=_llama_mlp_width(width) if mlp is None else mlp,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         num_hidden_layers=layers,

@@ -93,8 +93,11 @@ class TrainConfig:
     corpus_bytes: int = 2_000_000
     out: Path = Path("adacc_train_out")
     progress: bool = True
+    compress: str | None = None  # adacc's `compress` option; None: its default
 
     def __post_init__(self) -> None:
+        if self.compress is not None and self.compress not in ("lossy", "lossless", "off"):
+            raise ValueError(f"compress: must be 'lossy', 'lossless' or 'off' (or None for adacc's default), got {self.compress!r}")
         if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget <= 1.0):
             raise ValueError(f"budget: must be a fraction in (0, 1] of stock Inductor's activation peak, got {self.budget!r}")
         for name in ("steps", "layers", "width", "seq", "batch", "eval_batches"):
@@ -248,7 +251,11 @@ def run_train(config: TrainConfig, *, stream: TextIO | None = None) -> TrainResu
         "adacc": torch.compile(
             models["adacc"],
             backend=_adacc_backend_ref(),
-            options={"memory_budget": config.budget, "dump_dir": str(dump_dir)},
+            options={
+                "memory_budget": config.budget,
+                "dump_dir": str(dump_dir),
+                **({} if config.compress is None else {"compress": config.compress}),
+            },
         ),
     }
     optims = {n: torch.optim.AdamW(models[n].parameters(), lr=config.lr, weight_decay=0.1) for n in names}
@@ -368,8 +375,9 @@ def format_summary(result: TrainResult) -> str:
         lines.append(
             f"adacc plan {g['graph_id']}: budget {g['budget_bytes'] / MiB:.2f} MiB of stock Inductor's "
             f"{g['stock_peak_bytes'] / MiB:.2f} MiB peak; predicted peak {g['predicted_peak_bytes'] / MiB:.2f} MiB, "
-            f"saves {g['predicted_saved_bytes'] / MiB:.2f} MiB; retain {c['retain']}, recompute {c['recompute']}; "
-            f"solver {g['solver_status']} in {g['solver_time_s']:.2f} s"
+            f"saves {g['predicted_saved_bytes'] / MiB:.2f} MiB; "
+            + ", ".join(f"{k} {v}" for k, v in c.items() if v and k != "drop")
+            + f"; solver {g['solver_status']} in {g['solver_time_s']:.2f} s"
         )
     return "\n".join(lines)
 

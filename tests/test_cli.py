@@ -171,10 +171,13 @@ def test_pareto_plot_from_several_results(tmp_path):
     llama = _run(_row("adacc0.5", ratio=1.1, saved=19.0, budget_mib=19.7), _row("adacc0.7", ratio=1.03, saved=27.0))
     llama += [_row("ac", ratio=1.8, saved=4.5), _row("eager", ratio=1.4, saved=48.0), _row("pt0.1", ratio=1.2, saved=4.0)]
     gpt2 = [dict(r, model="gpt2") for r in llama]
-    for i, rows in enumerate((llama, gpt2)):
+    # A second llama run without compression: its adacc line is drawn next to the first.
+    exact = [dict(r, compress="off", step_ratio=r["step_ratio"] * 1.05) for r in llama if r["variant"].startswith("adacc")]
+    for i, rows in enumerate((llama, gpt2, exact)):
         (tmp_path / f"r{i}.json").write_text(json.dumps(rows))
     out = tmp_path / "fig.png"
-    code = cli.main(["bench", "--plot", str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--out", str(out), "--x", "both"])
+    files = [str(tmp_path / f"r{i}.json") for i in range(3)]
+    code = cli.main(["bench", "--plot", *files, "--out", str(out), "--x", "both"])
     assert code == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="x: unknown axis"):
@@ -198,8 +201,11 @@ def test_options_are_validated():
         cli.main(["bench", "--budgets", "2"])
 
 
-def test_cli_models_match_the_registry():
+def test_cli_choices_match_the_package():
     assert cli._model_names() == sorted(MODELS)
+    assert cli._COMPRESS == bench.COMPRESS_CHOICES
+    with pytest.raises(ValueError, match="compress: must be one of"):
+        BenchConfig(compress="zip")
 
 
 def test_console_script_is_declared():
@@ -313,8 +319,9 @@ def test_train_writes_table_and_plots(tmp_path, capsys, fresh_dynamo):
     ind, ada = summary["runs"]["inductor"], summary["runs"]["adacc"]
     assert ada["saved_bytes"] < ind["saved_bytes"]
     assert ada["saved_bytes"] <= summary["plan"]["budget_bytes"] * 1.02
-    # Same weights, same batches, same maths: the two runs train alike.
-    assert ada["final_loss"] == pytest.approx(ind["final_loss"], rel=1e-3)
+    # Same weights and batches; adacc only recomputes or (by default) compresses
+    # what the backward reads, so the two runs train alike.
+    assert ada["final_loss"] == pytest.approx(ind["final_loss"], rel=0.02)
     assert len((out_dir / "losses.csv").read_text().splitlines()) == 1 + 5
 
 

@@ -39,7 +39,6 @@ there is no GPU) as a smoke test.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import logging
 import math
@@ -127,21 +126,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(args, device):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.width,
-        intermediate_size=args.mlp,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        num_hidden_layers=args.layers,
-        max_position_embeddings=args.seq,
-        use_cache=False,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
+    from adacc_compiler.models import llama_config
+
+    cfg = llama_config(
+        layers=args.layers,
+        width=args.width,
+        vocab=args.vocab,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        mlp=args.mlp,
+        max_seq=args.seq,
+        attn=args.attn,
     )
-    cfg._attn_implementation = args.attn
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
