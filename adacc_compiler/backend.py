@@ -204,7 +204,11 @@ def _codec_options(info, menus, cost_model, *, stochastic: bool) -> dict[fx.Node
                     nbytes=int(codec.compressed_nbytes(shape, val.dtype)),
                     cost_s=float(
                         cost_model.codec_cost(
-                            name, shape, val.dtype, val.device, fused=fusible_on(val.device, stochastic=stochastic)
+                            name,
+                            shape,
+                            val.dtype,
+                            val.device,
+                            fused=fusible_on(val.device, stochastic=stochastic, codec=name),
                         )
                     ),
                     sqnr_db=None if codec.lossless else menu.sqnr_db.get(name),

@@ -42,8 +42,9 @@ Three steps, each a function:
    several plans.
 
    On the GPU the nodes call the codec's ops (fused Triton kernels). On the
-   CPU, with round-to-nearest, the codec's plain-PyTorch definition is traced
-   and inlined instead (:func:`fusible_on`), so Inductor fuses the encode into
+   CPU, with round-to-nearest, a fusible codec's (:data:`FUSIBLE_CODECS`)
+   plain-PyTorch definition is traced and inlined instead (:func:`fusible_on`),
+   so Inductor fuses the encode into
    the producer's kernel and the decode into the reader's: one pass over
    memory each, where an opaque op would cost several. Stochastic rounding
    always calls the ops (their noise comes from a seeded generator).
@@ -405,9 +406,17 @@ def _seed(node: fx.Node) -> int:
     return zlib.crc32(node.name.encode()) & 0x7FFFFFFF
 
 
-def fusible_on(device: torch.device, *, stochastic: bool) -> bool:
-    """Whether codecs on ``device`` are inlined as traced PyTorch (see the module docstring)."""
-    return device.type == "cpu" and not stochastic
+# Codecs whose PyTorch definition Inductor compiles to the same round trip as
+# the ops (tests/test_compress.py holds them to it). The group codecs' compiled
+# definitions decode garbage under Inductor on torch 2.13 (their decode
+# gathers per-group scales with repeat_interleave and their encode writes
+# into padded views), so they run as ops on every device.
+FUSIBLE_CODECS = frozenset({"int8_token", "bool1"})
+
+
+def fusible_on(device: torch.device, *, stochastic: bool, codec: str) -> bool:
+    """Whether ``codec`` on ``device`` is inlined as traced PyTorch (see the module docstring)."""
+    return device.type == "cpu" and not stochastic and codec in FUSIBLE_CODECS
 
 
 def _traced(fn, *fake_args) -> fx.GraphModule:
@@ -523,7 +532,7 @@ def codecs_inserted(
             readers = sorted((u for u in node.users if u in info.bw_pos), key=info.order.__getitem__)
             assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
             shape = [int(s) for s in val.shape]
-            if fusible_on(val.device, stochastic=stochastic):
+            if fusible_on(val.device, stochastic=stochastic, codec=codec.name):
                 enc = _traced(lambda x: tuple(codec.reference_compress(x)), val)
                 with graph.inserting_before(node.next):
                     items = _inline(info.gm, enc, [node], added, attrs)
