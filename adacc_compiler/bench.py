@@ -74,6 +74,9 @@ COMPRESS_CHOICES = ("lossy", "lossless", "off")
 #: Measured saved memory may exceed an adacc variant's budget by this fraction
 #: before the regression check fails (the pack hooks count whole storages).
 MEMORY_ALLOWANCE = 0.02
+#: A gradient further than this (relative norm) from eager fp32's is wrong, not
+#: lossy: lossy codecs stay within a few percent.
+MAX_GRAD_ERROR = 0.5
 
 COLUMNS = [
     "model",
@@ -667,6 +670,7 @@ def check_results(
     *,
     tolerance: float,
     memory_allowance: float = MEMORY_ALLOWANCE,
+    max_grad_error: float = MAX_GRAD_ERROR,
 ) -> CheckReport:
     """Compare the adacc variants of a run with a baseline run.
 
@@ -677,6 +681,8 @@ def check_results(
       ``tolerance``, relative: ``ratio > baseline_ratio * (1 + tolerance)``;
     * its measured saved memory exceeds the budget its plans were made for
       by more than ``memory_allowance`` (relative);
+    * its gradient's relative error against eager fp32 is not finite or
+      exceeds ``max_grad_error`` (a wrong gradient, not a lossy one);
     * it failed in this run but not in the baseline, or the baseline has it
       and this run does not.
 
@@ -737,6 +743,12 @@ def check_results(
                 )
         else:
             report.notes.append(f"{name}: no measured saved memory or budget; memory not checked")
+        err = r.get("grad_rel_err")
+        if err is not None and not (_finite(err) and err <= max_grad_error):
+            report.failures.append(
+                f"{name}: gradient relative error {err:.3g} against eager fp32 exceeds {max_grad_error:g}: "
+                "the compiled step computes a wrong gradient"
+            )
 
         if b is None:
             report.notes.append(f"{name}: not in the baseline; step time not checked")

@@ -135,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
             ".csv, .json, _machine.json and _pareto.png.",
             "Regression check: --check BASELINE.json compares each adacc variant with the baseline "
             "(a results JSON or a --save-baseline file): it fails when a step-time ratio exceeds the "
-            "baseline's by more than --tolerance (relative: ratio > baseline * (1 + T)), or when "
-            "measured saved memory exceeds the variant's budget by more than 2%. Exit code 1 on "
-            "failure, 0 on success.",
+            "baseline's by more than --tolerance (relative: ratio > baseline * (1 + T)), when "
+            "measured saved memory exceeds the variant's budget by more than 2%, or when its gradient "
+            "is wrong (relative error against eager fp32 above 0.5). Exit code 1 on failure, 0 on success.",
             "Plot only: --plot A.json B.json ... --out FIG.png draws one Pareto figure (a subplot per "
             "model) from saved results without running anything."
         ),

@@ -366,18 +366,20 @@ def format_summary(result: TrainResult) -> str:
     lines.append("")
     lines.append(
         f"adacc saves {100 * (1 - ada.saved_bytes / ind.saved_bytes):.0f}% less for the backward "
-        f"and peaks {100 * (1 - ada.peak_bytes / ind.peak_bytes):.0f}% lower; step ratio = median of "
-        f"{n_ratios} interleaved per-step ratios (adacc / Inductor, optimizer step included); "
-        f"final loss = mean of the last 10 training steps."
+        f"and peaks {100 * (1 - ada.peak_bytes / ind.peak_bytes):.0f}% lower."
     )
+    lines.append(f"step ratio: median of {n_ratios} interleaved per-step ratios adacc / Inductor (optimizer step included)")
+    lines.append(f"final loss: mean of the last 10 training steps; held-out loss: {cfg.eval_batches} batches never trained on")
     for g in result.plan["graphs"]:
         c = g["counts"]
+        decisions = ", ".join(f"{k} {v}" for k, v in c.items() if v and k != "drop")
         lines.append(
             f"adacc plan {g['graph_id']}: budget {g['budget_bytes'] / MiB:.2f} MiB of stock Inductor's "
-            f"{g['stock_peak_bytes'] / MiB:.2f} MiB peak; predicted peak {g['predicted_peak_bytes'] / MiB:.2f} MiB, "
-            f"saves {g['predicted_saved_bytes'] / MiB:.2f} MiB; "
-            + ", ".join(f"{k} {v}" for k, v in c.items() if v and k != "drop")
-            + f"; solver {g['solver_status']} in {g['solver_time_s']:.2f} s"
+            f"{g['stock_peak_bytes'] / MiB:.2f} MiB activation peak,"
+        )
+        lines.append(
+            f"  predicted peak {g['predicted_peak_bytes'] / MiB:.2f} MiB, saves {g['predicted_saved_bytes'] / MiB:.2f} MiB; "
+            f"{decisions}; solver {g['solver_status']} in {g['solver_time_s']:.2f} s"
         )
     return "\n".join(lines)
 

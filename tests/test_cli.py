@@ -110,6 +110,15 @@ def test_check_fails_when_saved_memory_exceeds_the_budget():
     assert msg.startswith("adacc0.5: measured saved memory") and "allowance 2%" in msg
 
 
+def test_check_fails_on_a_wrong_gradient():
+    ok = _run(dict(_row("adacc0.5", ratio=1.1, saved=19.0, budget_mib=19.7), grad_rel_err=0.04), _row("adacc0.3", status="failed"))
+    assert check_results(ok, BASELINE, tolerance=0.1).ok
+    for bad in (2.8e9, float("nan")):
+        now = _run(dict(_row("adacc0.5", ratio=1.1, saved=19.0, budget_mib=19.7), grad_rel_err=bad), _row("adacc0.3", status="failed"))
+        (msg,) = check_results(now, BASELINE, tolerance=0.1).failures
+        assert msg.startswith("adacc0.5: gradient relative error")
+
+
 def test_check_fails_on_new_failure_and_missing_variant():
     now = _run(_row("adacc0.5", status="failed", error="BudgetExceededError: boom"))
     report = check_results(now, BASELINE, tolerance=0.1)
