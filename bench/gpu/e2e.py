@@ -117,7 +117,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny:
         args.layers, args.width, args.mlp, args.heads, args.kv_heads, args.vocab = 2, 64, 176, 4, 2, 256
         args.seq, args.batch = 64, 2
-        args.time_limit = min(args.time_limit, 600.0)
     for b in [*args.budgets, *args.pt_budgets]:
         if not 0.0 < b <= 1.0:
             raise SystemExit(f"budgets: each must be a fraction in (0, 1], got {b}")
