@@ -234,23 +234,23 @@ def test_lossless_masks_keep_gradients_exact():
 
 
 def test_lossy_plan_gradients_within_codec_error():
-    result = run_adacc(GPT, _gpt_loss, 0.4, compress="lossy")
-    # int8 codecs keep >= 20 dB on every tensor they take (the default
-    # min_sqnr_db); their error reaches the gradients attenuated.
+    # A 30 dB floor admits the int8 codecs only; their error reaches the
+    # gradients attenuated.
+    result = run_adacc(GPT, _gpt_loss, 0.4, compress="lossy", min_sqnr_db=30.0)
     check(result, grad_rtol=2e-2)
     compressed = [d for d in result.plan.decisions if d.choice == "compress"]
     assert compressed, result.plan.table()
     for d in compressed:
         assert d.codec in d.menu and d.compressed_nbytes < d.nbytes
         if not get_codec(d.codec).lossless:
-            assert d.sqnr_db is not None and d.sqnr_db >= 20.0
+            assert d.sqnr_db is not None and d.sqnr_db >= 30.0
         assert d.role not in ("attention", "residual"), d
 
 
 def test_compression_reaches_budgets_recompute_alone_cannot():
     exact = run_adacc(GPT, _gpt_loss, 0.01, compress="off")  # the smallest feasible budget
     floor = exact.plan.budget_bytes / exact.plan.stock_peak_bytes
-    result = run_adacc(GPT, _gpt_loss, round(floor * 0.85, 4), compress="lossy")
+    result = run_adacc(GPT, _gpt_loss, round(floor * 0.85, 4), compress="lossy", min_sqnr_db=30.0)
     check(result, grad_rtol=2e-2)
     assert result.plan.budget_bytes < exact.plan.budget_bytes
     assert result.plan.counts()["compress"] > 0
