@@ -42,7 +42,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = [
-    "codec", "device", "dtype", "numel", "shape", "ratio",
+    "codec", "path", "device", "dtype", "numel", "shape", "ratio",
     "compress_ms", "compress_gbps", "compress_of_copy",
     "decompress_ms", "decompress_gbps", "decompress_of_copy",
     "copy_gbps",
@@ -111,23 +111,31 @@ def _nbytes(tensors) -> int:
 
 
 def bench_codec(codec, numel: int, channels: int, dtype: torch.dtype, device: torch.device,
-                repeats: int, warmup: int) -> dict:
+                repeats: int, warmup: int, *, fused: bool = False) -> dict:
+    """One codec at one size. ``fused`` times the codec's PyTorch definition
+    compiled by Inductor (what adacc inlines on the CPU) instead of its ops."""
     gen = torch.Generator(device=device).manual_seed(0)
     if codec.lossless:
         x = torch.rand(numel, generator=gen, device=device) > 0.5
     else:
         x = torch.randn(numel // channels, channels, generator=gen, device=device).to(dtype)
     shape, out_dtype = list(x.shape), x.dtype
-    payload = codec.compress_op(x)
-    y = codec.decompress_op(*payload, shape, out_dtype)
+    if fused:
+        compress = torch.compile(lambda v: tuple(codec.reference_compress(v)), dynamic=False)
+        decompress = torch.compile(lambda *p: codec.reference_decompress(*p, shape, out_dtype), dynamic=False)
+    else:
+        compress = codec.compress_op
+        decompress = lambda *p: codec.decompress_op(*p, shape, out_dtype)  # noqa: E731
+    payload = compress(x)
+    y = decompress(*payload)
     assert y.shape == x.shape
     in_bytes, payload_bytes = _nbytes([x]), _nbytes(payload)
     assert payload_bytes == codec.compressed_nbytes(shape, out_dtype)
     times = time_rounds(
         {
             "copy": lambda: y.copy_(x),
-            "compress": lambda: codec.compress_op(x),
-            "decompress": lambda: codec.decompress_op(*payload, shape, out_dtype),
+            "compress": lambda: compress(x),
+            "decompress": lambda: decompress(*payload),
         },
         device, repeats, warmup,
     )
@@ -144,6 +152,7 @@ def bench_codec(codec, numel: int, channels: int, dtype: torch.dtype, device: to
     )
     return {
         "codec": codec.name,
+        "path": "fused" if fused else "op",
         "device": device.type,
         "dtype": str(out_dtype).removeprefix("torch."),
         "numel": x.numel(),
@@ -192,12 +201,18 @@ def machine(device: torch.device) -> dict:
 def run(sizes, channels: int, dtype: torch.dtype, names, device: torch.device, repeats: int, warmup: int,
         log=print) -> list[dict]:
     codecs = import_codecs()
+    fusible = frozenset()
+    if device.type == "cpu":
+        from adacc_compiler.passes.compress import FUSIBLE_CODECS as fusible
     rows = []
     for numel in sizes:
         for name in names:
-            row = bench_codec(codecs.get_codec(name), numel, channels, dtype, device, repeats, warmup)
-            log(", ".join(f"{k}={row[k]}" for k in COLUMNS))
-            rows.append(row)
+            # On the CPU, adacc inlines the fusible codecs for Inductor to compile.
+            paths = [False, True] if device.type == "cpu" and name in fusible else [False]
+            for fused in paths:
+                row = bench_codec(codecs.get_codec(name), numel, channels, dtype, device, repeats, warmup, fused=fused)
+                log(", ".join(f"{k}={row[k]}" for k in COLUMNS))
+                rows.append(row)
     return rows
 
 
