@@ -54,13 +54,17 @@ __all__ = [
     "COLUMNS",
     "FAMILIES",
     "Variant",
+    "adacc_backend_ref",
     "check_results",
     "check_setup_matches",
     "format_table",
     "load_results",
+    "make_step",
     "make_variants",
     "plot_pareto",
+    "prepare_variant",
     "run_bench",
+    "save_baseline",
     "select_variants",
     "write_outputs",
 ]
@@ -217,7 +221,7 @@ def _build_pt(budget: float) -> Callable[[nn.Module], Callable]:
     return build
 
 
-def _adacc_backend_ref() -> Any:
+def adacc_backend_ref() -> Any:
     """``"adacc"`` when the entry point registered it, else the backend callable itself."""
     from torch._dynamo.backends.registry import list_backends
 
@@ -230,7 +234,7 @@ def _adacc_backend_ref() -> Any:
 
 def _build_adacc(budget: float, options: dict[str, Any] | None = None) -> Callable[[nn.Module], Callable]:
     def build(m: nn.Module) -> Callable:
-        return torch.compile(m, backend=_adacc_backend_ref(), options={**(options or {}), "memory_budget": budget})
+        return torch.compile(m, backend=adacc_backend_ref(), options={**(options or {}), "memory_budget": budget})
 
     return build
 

@@ -201,7 +201,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from adacc_compiler.backend import compiled_graphs
-    from adacc_compiler.bench import _adacc_backend_ref, make_step
+    from adacc_compiler.bench import adacc_backend_ref, make_step
     from adacc_compiler.measure import saved_activation_bytes
     from adacc_compiler.models import loss_of, make_model
 
@@ -218,7 +218,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         options["profile"] = False
     if args.compress is not None:
         options["compress"] = args.compress
-    fwd = torch.compile(model, backend=_adacc_backend_ref(), options=options)
+    fwd = torch.compile(model, backend=adacc_backend_ref(), options=options)
     before = len(compiled_graphs())
     make_step(model, fwd, batch)()
     records = compiled_graphs()[before:]

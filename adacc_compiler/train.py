@@ -220,7 +220,7 @@ def _build_model(config: TrainConfig) -> torch.nn.Module:
 def run_train(config: TrainConfig, *, stream: TextIO | None = None) -> TrainResult:
     """Train with adacc and with stock Inductor side by side; measure, write and return the results."""
     from adacc_compiler.backend import compiled_graphs
-    from adacc_compiler.bench import _adacc_backend_ref
+    from adacc_compiler.bench import adacc_backend_ref
     from adacc_compiler.measure import peak_memory_bytes, saved_activation_bytes
 
     stream = stream if stream is not None else sys.stderr
@@ -250,7 +250,7 @@ def run_train(config: TrainConfig, *, stream: TextIO | None = None) -> TrainResu
         "inductor": torch.compile(models["inductor"], backend="inductor"),
         "adacc": torch.compile(
             models["adacc"],
-            backend=_adacc_backend_ref(),
+            backend=adacc_backend_ref(),
             options={
                 "memory_budget": config.budget,
                 "dump_dir": str(dump_dir),
