@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -233,11 +234,20 @@ def test_lossless_masks_keep_gradients_exact():
     assert codecs == {"bool1"}, result.plan.table()
 
 
-def test_lossy_plan_gradients_within_codec_error():
+def test_lossy_plan_gradients_within_codec_error(tmp_path):
     # A 30 dB floor admits the int8 codecs only; their error reaches the
     # gradients attenuated.
-    result = run_adacc(GPT, _gpt_loss, 0.4, compress="lossy", min_sqnr_db=30.0)
+    result = run_adacc(GPT, _gpt_loss, 0.4, compress="lossy", min_sqnr_db=30.0, dump_dir=str(tmp_path))
     check(result, grad_rtol=2e-2)
+    # The dumps show codec, ratio and measured SQNR per compressed tensor.
+    (graph_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = {line.split()[0]: line.split() for line in (graph_dir / "plan.txt").read_text().splitlines() if line.strip()}
+    summary = json.loads((graph_dir / "summary.json").read_text())
+    compressed = [d for d in result.plan.decisions if d.choice == "compress"]
+    for d in compressed:
+        assert d.codec in rows[d.name] and f"{d.nbytes / d.compressed_nbytes:.2f}x" in rows[d.name]
+        assert f"{d.sqnr_db:.1f}" in rows[d.name]
+    assert sum(summary["plan"]["codecs"].values()) == len(compressed)
     compressed = [d for d in result.plan.decisions if d.choice == "compress"]
     assert compressed, result.plan.table()
     for d in compressed:
