@@ -548,6 +548,11 @@ def _min_peak_solution(model: _Model, *, time_limit: float) -> tuple[np.ndarray,
     h, _, _, _ = _build_highs(model, math.inf, minimise_peak=True)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 1e-3)
+    # Saving everything the backward reads is always a plan: HiGHS starts from
+    # it, so a time limit still leaves an answer.
+    start = _greedy(model, math.inf)
+    if start is not None:
+        _warm_start(h, model, start, extra=[float(model.model_peak(start))])
     h.run()
     if h.getInfo().primal_solution_status != 2:
         status = h.modelStatusToString(h.getModelStatus())

@@ -201,9 +201,11 @@ def machine(device: torch.device) -> dict:
 def run(sizes, channels: int, dtype: torch.dtype, names, device: torch.device, repeats: int, warmup: int,
         log=print) -> list[dict]:
     codecs = import_codecs()
-    fusible = frozenset()
+    fusible = set()
     if device.type == "cpu":
-        from adacc_compiler.passes.compress import FUSIBLE_CODECS as fusible
+        from adacc_compiler.passes.compress import FUSIBLE_CODECS, fusible_on
+
+        fusible = {n for n in FUSIBLE_CODECS if fusible_on(device, stochastic=False, codec=n, shape=(channels,))}
     rows = []
     for numel in sizes:
         for name in names:

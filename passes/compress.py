@@ -42,9 +42,9 @@ Three steps, each a function:
    several plans.
 
    On the GPU the nodes call the codec's ops (fused Triton kernels). On the
-   CPU, with round-to-nearest, a fusible codec's (:data:`FUSIBLE_CODECS`)
-   plain-PyTorch definition is traced and inlined instead (:func:`fusible_on`),
-   so Inductor fuses the encode into
+   CPU, with round-to-nearest, a codec's plain-PyTorch definition is traced
+   and inlined instead where Inductor compiles it exactly
+   (:data:`FUSIBLE_CODECS`, :func:`fusible_on`), so Inductor fuses the encode into
    the producer's kernel and the decode into the reader's: one pass over
    memory each, where an opaque op would cost several. Stochastic rounding
    always calls the ops (their noise comes from a seeded generator).
@@ -406,17 +406,22 @@ def _seed(node: fx.Node) -> int:
     return zlib.crc32(node.name.encode()) & 0x7FFFFFFF
 
 
-# Codecs whose PyTorch definition Inductor compiles to the same round trip as
-# the ops (tests/test_compress.py holds them to it). The group codecs' compiled
-# definitions decode garbage under Inductor on torch 2.13 (their decode
-# gathers per-group scales with repeat_interleave and their encode writes
-# into padded views), so they run as ops on every device.
-FUSIBLE_CODECS = frozenset({"int8_token", "bool1"})
+# Codecs inlined on the CPU, each with the multiple the last dimension must be.
+# Their PyTorch definitions compile under Inductor to the same payloads and
+# round trip as the ops (tests/test_compress.py holds them to it) and run
+# faster than the ops (bench/bench_codecs.py, `path` column). With a partial
+# last group, Inductor 2.13's CPU code for the group codecs computes wrong
+# values in that group, so such tensors call the ops. `int4_group` and `bool1`
+# compile exactly too but their bit packing runs slower than the ops.
+FUSIBLE_CODECS: dict[str, int] = {"int8_token": 1, "int8_group": 32}
 
 
-def fusible_on(device: torch.device, *, stochastic: bool, codec: str) -> bool:
+def fusible_on(device: torch.device, *, stochastic: bool, codec: str, shape: Sequence[int]) -> bool:
     """Whether ``codec`` on ``device`` is inlined as traced PyTorch (see the module docstring)."""
-    return device.type == "cpu" and not stochastic and codec in FUSIBLE_CODECS
+    multiple = FUSIBLE_CODECS.get(codec)
+    if device.type != "cpu" or stochastic or multiple is None:
+        return False
+    return len(shape) > 0 and int(shape[-1]) % multiple == 0
 
 
 def _traced(fn, *fake_args) -> fx.GraphModule:
@@ -532,7 +537,7 @@ def codecs_inserted(
             readers = sorted((u for u in node.users if u in info.bw_pos), key=info.order.__getitem__)
             assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
             shape = [int(s) for s in val.shape]
-            if fusible_on(val.device, stochastic=stochastic, codec=codec.name):
+            if fusible_on(val.device, stochastic=stochastic, codec=codec.name, shape=shape):
                 enc = _traced(lambda x: tuple(codec.reference_compress(x)), val)
                 with graph.inserting_before(node.next):
                     items = _inline(info.gm, enc, [node], added, attrs)
