@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 _PULL_EPS = 1e-7
 # Head times may sit this far below the modelled head (rounding of chain steps).
 _HEAD_SLACK = 1e-3
+# The smallest-peak search stops after this many branch-and-bound nodes, or
+# after this many times the solver time limit.
+_MIN_PEAK_NODES = 2000
+_MIN_PEAK_TIME_FACTOR = 4.0
 # A decode runs just before the first backward reader of its value.
 _DECODE_STEP = 1e-4
 
@@ -546,7 +550,13 @@ def _min_peak_solution(model: _Model, *, time_limit: float) -> tuple[np.ndarray,
     import highspy
 
     h, _, _, _ = _build_highs(model, math.inf, minimise_peak=True)
-    h.setOptionValue("time_limit", float(time_limit))
+    # The smallest feasible budget an error states must come out the same when
+    # the user compiles again at it, also on a loaded machine: the search is
+    # bounded by a node count (deterministic), with the time limit as a
+    # backstop only.
+    h.setOptionValue("time_limit", float(_MIN_PEAK_TIME_FACTOR * time_limit))
+    h.setOptionValue("mip_max_nodes", _MIN_PEAK_NODES)
+    h.setOptionValue("random_seed", 0)
     h.setOptionValue("mip_rel_gap", 1e-3)
     # Saving everything the backward reads is always a plan: HiGHS starts from
     # it, so a time limit still leaves an answer.
