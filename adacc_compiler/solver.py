@@ -613,12 +613,24 @@ def solve_plan(
     banned: list[tuple[fx.Node, fx.Node]] = []
     res = None
     closest: SolveResult | None = None  # the round that overshot least
+    why_fallback = "no MILP round fitted on its own intervals"
     # The model's intervals, with the heads and tails plans showed (see below).
     learning = dataclasses.replace(iv, need=dict(iv.need), last_recomputed=dict(iv.last_recomputed))
     last_bans = 0
     for _ in range(max_rounds):
         try:
             res = _solve_once(info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options)
+        except _NoPlanInTime as stop:
+            # The smallest-peak plan below is the answer (or the infeasibility
+            # error): a plan that fits is not dropped for want of time.
+            log.info(
+                "adacc: HiGHS stopped without a plan (%s) after %.1f s; using the smallest-peak plan "
+                "(raise solver_time_limit to let the MILP search longer)",
+                stop,
+                time_limit,
+            )
+            why_fallback = f"HiGHS stopped without a plan ({stop})"
+            break
         except _ModelInfeasible:
             log.debug("MILP target %d with %d banned pairs: infeasible", target, len(banned))
             if not last_bans or res is None:
@@ -714,7 +726,7 @@ def solve_plan(
         num_nonzeros=res.num_nonzeros if res else 0,
         shared_layers=0,
         warm_start=False,
-        fallback="no MILP round fitted on its own intervals; the smallest-peak plan fits",
+        fallback=f"{why_fallback}; the smallest-peak plan fits",
         predicted_peak=smallest,
         compress=compress,
     )
@@ -722,6 +734,10 @@ def solve_plan(
 
 class _ModelInfeasible(Exception):
     """The MILP (with its current target) has no solution."""
+
+
+class _NoPlanInTime(Exception):
+    """HiGHS stopped (time limit) before finding any plan, and the greedy one does not fit."""
 
 
 def _window(info: JointGraphInfo) -> float:
@@ -772,10 +788,7 @@ def _solve_once(
             log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
             return _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options)
         if status != highspy.HighsModelStatus.kInfeasible:
-            raise RuntimeError(
-                f"adacc: HiGHS stopped without a plan ({status_name}) and the greedy plan does not fit; "
-                f"raise solver_time_limit (now {time_limit} s)"
-            )
+            raise _NoPlanInTime(status_name)
         raise _ModelInfeasible()
     if has_solution:
         x = np.round(np.array(h.getSolution().col_value[: model.num_cols]))
