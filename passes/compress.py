@@ -57,7 +57,7 @@ import logging
 import math
 import operator
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -153,12 +153,8 @@ class Menu:
     role: str
     rule: str
     codecs: list[str]
-    sqnr_db: dict[str, float] = None  # type: ignore[assignment]
-    excluded: dict[str, str] = None  # type: ignore[assignment]  # codec -> why it was dropped
-
-    def __post_init__(self) -> None:
-        self.sqnr_db = {} if self.sqnr_db is None else self.sqnr_db
-        self.excluded = {} if self.excluded is None else self.excluded
+    sqnr_db: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # codec -> why it was dropped
 
 
 def _is_attention_op(target: object) -> bool:
@@ -424,14 +420,21 @@ def fusible_on(device: torch.device, *, stochastic: bool, codec: str, shape: Seq
     return len(shape) > 0 and int(shape[-1]) % multiple == 0
 
 
+def _fake_mode(values: Sequence[object]):
+    """The fake mode of the joint graph's values."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    assert mode is not None, "adacc internal error: joint graph values carry no fake mode"
+    return mode
+
+
 def _traced(fn, *fake_args) -> fx.GraphModule:
     """``fn`` traced into ATen ops on the joint graph's fake values."""
-    from torch._guards import detect_fake_mode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.utils._python_dispatch import _disable_current_modes
 
-    mode = detect_fake_mode([a for a in fake_args if isinstance(a, torch.Tensor)])
-    assert mode is not None, "adacc internal error: joint graph values carry no fake mode"
+    mode = _fake_mode(fake_args)
     with mode:
         # Functional ATen only: the joint graph holds no mutations.
         # Decomposed as Inductor decomposes the joint graph.
@@ -473,8 +476,6 @@ def _inline(
 
     Tensor constants become attributes of ``gm`` (their names go to ``attrs``).
     """
-    from torch._guards import detect_fake_mode
-
     graph = gm.graph
     env: dict[fx.Node, fx.Node] = {}
     placeholders = iter(inputs)
@@ -490,8 +491,9 @@ def _inline(
             gm.register_buffer(name, value)
             attrs.append(name)
             env[n] = graph.get_attr(name)
-            mode = detect_fake_mode([i.meta.get("val") for i in inputs])
-            env[n].meta["val"] = mode.from_tensor(value, static_shapes=True)
+            env[n].meta["val"] = _fake_mode([i.meta.get("val") for i in inputs]).from_tensor(
+                value, static_shapes=True
+            )
             added.append(env[n])
         elif n.op == "output":
             out = n.args[0]
@@ -503,13 +505,50 @@ def _inline(
 
 
 def _fake_call(op, *args, **kwargs):
-    from torch._guards import detect_fake_mode
-
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    mode = detect_fake_mode(tensors)
-    assert mode is not None, "adacc internal error: joint graph values carry no fake mode"
-    with mode:
+    with _fake_mode(args):
         return op(*args, **kwargs)
+
+
+def _insert_traced(gm, codec, node, first_reader, added, attrs) -> tuple[list[fx.Node], fx.Node]:
+    """The codec's PyTorch definition inlined: encode after ``node``, decode before its first reader."""
+    val = node.meta["val"]
+    shape = [int(s) for s in val.shape]
+    enc = _traced(lambda x: tuple(codec.reference_compress(x)), val)
+    with gm.graph.inserting_before(node.next):
+        items = _inline(gm, enc, [node], added, attrs)
+    for item in items:
+        item.meta["adacc_payload"] = codec.name
+    dec_gm = _traced(lambda *p: codec.reference_decompress(*p, shape, val.dtype), *[i.meta["val"] for i in items])
+    with gm.graph.inserting_before(first_reader):
+        (dec,) = _inline(gm, dec_gm, items, added, attrs)
+    return items, dec
+
+
+def _insert_ops(graph, codec, node, first_reader, added, *, stochastic: bool) -> tuple[list[fx.Node], fx.Node]:
+    """Calls of the codec's ops: encode after ``node``, decode before its first reader."""
+    val = node.meta["val"]
+    shape = [int(s) for s in val.shape]
+    kwargs = {"stochastic": stochastic, "seed": _seed(node)}
+    fake_payload = _fake_call(codec.compress_op, val, **kwargs)
+    with graph.inserting_after(node):
+        comp = graph.call_function(_overload(codec.name, "compress"), (node,), kwargs)
+    comp.meta["val"] = tuple(fake_payload)
+    comp.meta["adacc_compress"] = codec.name
+    added.append(comp)
+    items = []
+    anchor = comp
+    for i, fake in enumerate(fake_payload):
+        with graph.inserting_after(anchor):
+            item = graph.call_function(operator.getitem, (comp, i))
+        item.meta["val"] = fake
+        items.append(item)
+        added.append(item)
+        anchor = item
+    with graph.inserting_before(first_reader):
+        dec = graph.call_function(_overload(codec.name, "decompress"), (*items, shape, val.dtype))
+    dec.meta["val"] = _fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
+    added.append(dec)
+    return items, dec
 
 
 @contextlib.contextmanager
@@ -538,46 +577,12 @@ def codecs_inserted(
             assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
             shape = [int(s) for s in val.shape]
             if fusible_on(val.device, stochastic=stochastic, codec=codec.name, shape=shape):
-                enc = _traced(lambda x: tuple(codec.reference_compress(x)), val)
-                with graph.inserting_before(node.next):
-                    items = _inline(info.gm, enc, [node], added, attrs)
-                assert len(items) == codec.num_payloads, codec.name
-                for item in items:
-                    item.meta["adacc_payload"] = codec.name
-                payloads[node] = items
-                dec_gm = _traced(
-                    lambda *p: codec.reference_decompress(*p, shape, val.dtype), *[i.meta["val"] for i in items]
-                )
-                with graph.inserting_before(readers[0]):
-                    (dec,) = _inline(info.gm, dec_gm, items, added, attrs)
-                dec.meta["adacc_decompress"] = codec.name
-                for r in readers:
-                    r.replace_input_with(node, dec)
-                    rewired.append((r, node, dec))
-                continue
-            kwargs = {"stochastic": stochastic, "seed": _seed(node)}
-            fake_payload = _fake_call(codec.compress_op, val, **kwargs)
-            assert len(fake_payload) == codec.num_payloads, codec.name
-            with graph.inserting_after(node):
-                comp = graph.call_function(_overload(codec.name, "compress"), (node,), kwargs)
-            comp.meta["val"] = tuple(fake_payload)
-            comp.meta["adacc_compress"] = codec.name
-            added.append(comp)
-            items = []
-            anchor = comp
-            for i, fake in enumerate(fake_payload):
-                with graph.inserting_after(anchor):
-                    item = graph.call_function(operator.getitem, (comp, i))
-                item.meta["val"] = fake
-                items.append(item)
-                added.append(item)
-                anchor = item
-            payloads[node] = items
-            with graph.inserting_before(readers[0]):
-                dec = graph.call_function(_overload(codec.name, "decompress"), (*items, shape, val.dtype))
-            dec.meta["val"] = _fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
+                items, dec = _insert_traced(info.gm, codec, node, readers[0], added, attrs)
+            else:
+                items, dec = _insert_ops(graph, codec, node, readers[0], added, stochastic=stochastic)
+            assert len(items) == codec.num_payloads, codec.name
             dec.meta["adacc_decompress"] = codec.name
-            added.append(dec)
+            payloads[node] = items
             for r in readers:
                 r.replace_input_with(node, dec)
                 rewired.append((r, node, dec))
