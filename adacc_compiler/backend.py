@@ -293,6 +293,16 @@ def plan_and_partition(
     codec_options = _codec_options(info, menus, cost_model)
     t_codec = time.perf_counter() - t_codec
 
+    def partition(plan):
+        return partition_with_plan(
+            info,
+            save=plan.save,
+            recompute=plan.recompute,
+            keep_primals=plan.keep_primals,
+            compress=plan.compress,
+            stochastic=config.stochastic_rounding,
+        )
+
     target = budget
     attempts = []
     for attempt in range(_MAX_TIGHTENING_ROUNDS):
@@ -307,12 +317,24 @@ def plan_and_partition(
                 codec_options=codec_options,
             )
         except InfeasibleBudgetError as err:
-            # The smallest peak found, shifted by how much the model under-predicted
-            # so far, with headroom for the solver's time limit (the search for
-            # the smallest peak is a MILP too, and may stop at a slightly
-            # different plan in another process).
-            shift = budget - target
-            smallest = int(math.ceil((err.min_feasible_bytes + shift) * (1 + _SMALLEST_HEADROOM)))
+            # The error carries the smallest-peak plan; its exact simulation
+            # decides: it is used if it fits the budget (the model's target
+            # may have been lowered below what it needs), and otherwise its
+            # simulated peak is the smallest budget stated.
+            fallback = err.plan
+            fw_gm, bw_gm = partition(fallback)
+            plan_tl = simulate(info, fw_gm, bw_gm)
+            attempts.append((target, fallback.predicted_peak, plan_tl.peak))
+            if plan_tl.peak <= budget * (1 + _BUDGET_RTOL):
+                res = fallback
+                res.fallback = (
+                    f"no plan fitted the model's budget of {target} bytes; the smallest-peak plan fits the budget"
+                )
+                break
+            # Headroom for the solver's time limit: the search for the
+            # smallest peak is a MILP too, and may stop at a slightly
+            # different plan in another process.
+            smallest = int(math.ceil(max(plan_tl.peak, err.min_feasible_bytes) * (1 + _SMALLEST_HEADROOM)))
             frac = (
                 f" ({smallest / stock_peak:.3f} of stock Inductor's peak of {stock_peak} bytes)" if stock_peak else ""
             )
@@ -322,14 +344,7 @@ def plan_and_partition(
                 min_feasible_bytes=smallest,
                 budget_bytes=budget,
             ) from None
-        fw_gm, bw_gm = partition_with_plan(
-            info,
-            save=res.save,
-            recompute=res.recompute,
-            keep_primals=res.keep_primals,
-            compress=res.compress,
-            stochastic=config.stochastic_rounding,
-        )
+        fw_gm, bw_gm = partition(res)
         plan_tl = simulate(info, fw_gm, bw_gm)
         attempts.append((target, res.predicted_peak, plan_tl.peak))
         if not config.verify or plan_tl.peak <= budget * (1 + _BUDGET_RTOL):

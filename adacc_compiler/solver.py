@@ -12,11 +12,12 @@ Model (one joint graph):
 * Every boundary value (read by the backward) is saved, recomputed or
   compressed, one of them at most.
 * A recomputed value needs each input available: saved, recomputed,
-  a parameter, or a kept input. A compressed value is not available to
-  recomputation (its decoded copy differs from the forward's value and would
-  be decoded earlier): only the backward's own readers take it.
+  compressed (recomputation reads the decoded copy: a compressed checkpoint),
+  a parameter, or a kept input.
 * A compressed value occupies its payload bytes from the end of the forward
-  to its decode, and its full bytes from there to its last reader.
+  to its decode, and its full bytes from there to its last reader. Its decode
+  runs when the backward first needs it: at its first reader, or earlier when
+  a recomputed user pulls it (charged as for a recomputed value, below).
 * Memory: each column occupies an interval of the backward schedule
   (:func:`adacc_compiler.passes.liveness.model_intervals`); a saved value is
   live from the end of the forward. A running total ``m_k`` over the interval
@@ -76,12 +77,18 @@ __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
 
 
 class InfeasibleBudgetError(ValueError):
-    """No plan fits the budget; ``min_feasible_bytes`` is the smallest that does."""
+    """No plan fits the budget; ``min_feasible_bytes`` is the smallest that does.
 
-    def __init__(self, message: str, *, min_feasible_bytes: int, budget_bytes: int) -> None:
+    ``plan`` (from the solver) is the smallest-peak plan that figure comes from.
+    """
+
+    def __init__(
+        self, message: str, *, min_feasible_bytes: int, budget_bytes: int, plan: "SolveResult | None" = None
+    ) -> None:
         super().__init__(message)
         self.min_feasible_bytes = min_feasible_bytes
         self.budget_bytes = budget_bytes
+        self.plan = plan
 
 
 @dataclass
@@ -229,8 +236,8 @@ class _Model:
             for a in c.all_input_nodes:
                 if a in self.keep_col:
                     rows.add((((self.keep_col[a], 1.0), (r, -1.0)), 0.0, math.inf))
-                elif a in self.save_col or a in self.rec_col:
-                    terms = tuple((k, 1.0) for k in (self.save_col.get(a), self.rec_col.get(a)) if k is not None)
+                elif a in self.save_col or a in self.rec_col or a in self.comp_col:
+                    terms = tuple((k, 1.0) for k in self.sources(a) + [self.save_col.get(a)] if k is not None)
                     rows.add((terms + ((r, -1.0),), 0.0, math.inf))
         for p, k in self.keep_col.items():
             if p in boundary:
@@ -251,11 +258,14 @@ class _Model:
             if c in self.comp_col:
                 readers = [float(info.bw_pos[u]) for u in c.users if u in info.bw_pos]
                 assert readers, f"compressed value {c.name} has no backward reader"
-                decode = min(readers) - _DECODE_STEP
+                # Decoded when first needed: by its first reader, or by the
+                # recomputed users the intervals count as pulling it.
+                decode = min(min(readers) - _DECODE_STEP, iv.need[c])
+                end = max(max(readers), iv.last_recomputed[c])
                 for o in codec_options[c]:
                     col = self.comp_col[c][o.codec]
                     terms.append((col, o.nbytes, -1.0, decode))
-                    terms.append((col, info.nbytes.get(c, 0), decode, max(readers)))
+                    terms.append((col, info.nbytes.get(c, 0), decode, end))
         for p, k in self.keep_col.items():
             last = max(
                 [float(info.bw_pos[u]) for u in p.users if u in info.bw_pos]
@@ -263,30 +273,39 @@ class _Model:
                 + [0.0]
             )
             terms.append((k, info.nbytes.get(p, 0), -1.0, last))
-        # Far pulls: a value rebuilt for a user recomputed long before the
-        # value's own first reader lives from that rebuild on. Per value, the
-        # far users sorted by rebuild time give segments; z[j] ("alive in
-        # segment j") is forced by any pair (value, user i <= j) recomputed.
-        self.pull_fill: list[tuple[int, int, int, int | None]] = []  # z, r_c, r_w, z_prev
+        # Far pulls: a value rebuilt (or decoded) for a user recomputed long
+        # before the value's own first reader lives from that rebuild on. Per
+        # value and size, the far users sorted by rebuild time give segments;
+        # z[j] ("alive in segment j") is forced by the value being available
+        # that way together with any user i <= j recomputed.
+        self.pull_fill: list[tuple[int, tuple[int, ...], int, int | None]] = []  # z, sources, r_w, z_prev
         far_by_value: dict[fx.Node, list[fx.Node]] = {}
         for c, w in iv.far_edges:
-            if c in self.rec_col and w in self.rec_col and iv.bytes_recomputed.get(c, 0):
+            if (c in self.rec_col or c in self.comp_col) and w in self.rec_col:
                 far_by_value.setdefault(c, []).append(w)
         for c, users in far_by_value.items():
             users.sort(key=lambda w: iv.need[w])
             bounds = [iv.need[w] for w in users] + [iv.need[c]]
-            prev = None
-            for j, w in enumerate(users):
-                z = new_col(0.0)
-                self.pull_cols.add(z)
-                terms_z = [(z, 1.0), (self.rec_col[c], -1.0), (self.rec_col[w], -1.0)]
-                extra_rows.append((terms_z, -1.0, math.inf))
-                if prev is not None:
-                    extra_rows.append(([(z, 1.0), (prev, -1.0)], 0.0, math.inf))
-                self.pull_fill.append((z, self.rec_col[c], self.rec_col[w], prev))
-                if bounds[j + 1] > bounds[j]:
-                    terms.append((z, iv.bytes_recomputed[c], bounds[j], bounds[j + 1] - _PULL_EPS))
-                prev = z
+            # A recomputed view allocates nothing; a decoded one is a tensor.
+            by_size: dict[int, list[int]] = {}
+            if c in self.rec_col and iv.bytes_recomputed.get(c, 0):
+                by_size.setdefault(iv.bytes_recomputed[c], []).append(self.rec_col[c])
+            for col in self.comp_col.get(c, {}).values():
+                if info.nbytes.get(c, 0):
+                    by_size.setdefault(info.nbytes[c], []).append(col)
+            for size, sources in by_size.items():
+                prev = None
+                for j, w in enumerate(users):
+                    z = new_col(0.0)
+                    self.pull_cols.add(z)
+                    for src in sources:
+                        extra_rows.append(([(z, 1.0), (src, -1.0), (self.rec_col[w], -1.0)], -1.0, math.inf))
+                    if prev is not None:
+                        extra_rows.append(([(z, 1.0), (prev, -1.0)], 0.0, math.inf))
+                    self.pull_fill.append((z, tuple(sources), self.rec_col[w], prev))
+                    if bounds[j + 1] > bounds[j]:
+                        terms.append((z, size, bounds[j], bounds[j + 1] - _PULL_EPS))
+                    prev = z
         # Two far links in a row (a value pulled by a user that is itself
         # pulled far ahead) would be charged only from the middle user's own
         # head: such chains are ruled out, so the charge stays exact.
@@ -294,9 +313,10 @@ class _Model:
         for c, ws in far_users.items():
             for w in ws:
                 for w2 in far_users.get(w, ()):
-                    extra_rows.append(
-                        ([(self.rec_col[c], 1.0), (self.rec_col[w], 1.0), (self.rec_col[w2], 1.0)], -math.inf, 2.0)
-                    )
+                    for src in self.sources(c):
+                        extra_rows.append(
+                            ([(src, 1.0), (self.rec_col[w], 1.0), (self.rec_col[w2], 1.0)], -math.inf, 2.0)
+                        )
         # Head times keep the model exact: h[c] (when c is rebuilt) must lie
         # before every recomputed user's head, at or before c's first reader,
         # and no earlier than the head the intervals above account for. A
@@ -319,9 +339,17 @@ class _Model:
             self.pull_cols.add(k)
             self.head_col[c] = k
             self.head_bounds.append((k, lower[c] - _HEAD_SLACK, first_reader[c]))
-        self.head_order = [(self.head_col[c], self.rec_col[c], [self.head_col[w] for w in c.users if w in self.head_col],
-                            [self.rec_col[w] for w in c.users if w in self.head_col], first_reader[c])
-                           for c in sorted(first_reader, key=lambda n: -info.order[n])]
+        # (head, save column or None, users' heads, users' recompute columns, first reader)
+        self.head_order = [
+            (
+                self.head_col[c],
+                self.save_col.get(c),
+                [self.head_col[w] for w in c.users if w in self.head_col],
+                [self.rec_col[w] for w in c.users if w in self.head_col],
+                first_reader[c],
+            )
+            for c in sorted(first_reader, key=lambda n: -info.order[n])
+        ]
         for c, hc in self.head_col.items():
             sc = self.save_col.get(c)
             for w in c.users:
@@ -349,6 +377,11 @@ class _Model:
             if b >= a:
                 self.mem_terms.append((col, size, a, b))
 
+    def sources(self, c: fx.Node) -> list[int]:
+        """Columns that make ``c`` available to recomputation other than saving it."""
+        rec = [self.rec_col[c]] if c in self.rec_col else []
+        return rec + list(self.comp_col.get(c, {}).values())
+
     def vector(self, save: set, recompute: set, keep: set, compress: dict | None = None) -> np.ndarray:
         x = np.zeros(self.num_cols)
         for c, name in (compress or {}).items():
@@ -375,11 +408,14 @@ class _Model:
         return float(self.memory_profile(x).max(initial=0.0))
 
     def memory_profile(self, x: np.ndarray) -> np.ndarray:
-        for hc, rc, user_heads, user_recs, first in self.head_order:
+        for hc, sc, user_heads, user_recs, first in self.head_order:
+            # As the MILP's rows: recomputed users pull the head of a value
+            # that is not saved (recomputed or decoded for them).
             pulled = [x[h] for h, r in zip(user_heads, user_recs) if x[r] > 0.5]
-            x[hc] = min([first, *pulled]) if x[rc] > 0.5 else first
-        for z, rc, rw, prev in self.pull_fill:
-            x[z] = 1.0 if (x[rc] > 0.5 and x[rw] > 0.5) or (prev is not None and x[prev] > 0.5) else 0.0
+            x[hc] = min([first, *pulled]) if sc is None or x[sc] < 0.5 else first
+        for z, sources, rw, prev in self.pull_fill:
+            pulled = x[rw] > 0.5 and any(x[k] > 0.5 for k in sources)
+            x[z] = 1.0 if pulled or (prev is not None and x[prev] > 0.5) else 0.0
         delta = np.zeros(len(self.points) + 1)
         for col, size, a, b in self.mem_terms:
             if x[col] > 0.5:
@@ -454,9 +490,9 @@ def _close(model: _Model, x: np.ndarray) -> bool:
                     if x[model.keep_col[a]] < 0.5:
                         x[model.keep_col[a]] = 1
                         changed = True
-                elif a in model.save_col or a in model.rec_col:
+                elif a in model.save_col or a in model.rec_col or a in model.comp_col:
                     s, ra = model.save_col.get(a), model.rec_col.get(a)
-                    if (s is not None and x[s] > 0.5) or (ra is not None and x[ra] > 0.5):
+                    if any(x[k] > 0.5 for k in model.sources(a) + ([s] if s is not None else [])):
                         continue
                     if s is not None and s != r:
                         x[s] = 1
@@ -684,9 +720,26 @@ def solve_plan(
         target -= res.predicted_peak - budget_bytes
         if target <= 0:
             break
-    # Fall back to the smallest-peak plan: from the exact-head model (whose
-    # predictions hold for every plan it admits) or from the MILP's own model,
-    # whichever peaks lower on its own intervals.
+    # The exact-head model's predictions hold for every plan it admits (it
+    # admits fewer recompute chains): its cheapest plan under the budget comes
+    # before the smallest-peak fallback.
+    if why_fallback == "no MILP round fitted on its own intervals":
+        try:
+            res = _solve_once(
+                info, iv, costs, budget_bytes, time_limit, mip_gap, share_layers, (), codec_options, exact_heads=True
+            )
+        except (_NoPlanInTime, _ModelInfeasible) as stop:
+            log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)
+        else:
+            res.predicted_peak = own_peak(
+                info, costs, res.save, res.recompute, res.keep_primals, res.compress, codec_options
+            )
+            log.debug("exact-head MILP: own-interval peak %d (budget %d)", res.predicted_peak, budget_bytes)
+            if res.predicted_peak <= budget_bytes:
+                res.time_s = time.perf_counter() - t0
+                return res
+    # Fall back to the smallest-peak plan: from the exact-head model or from
+    # the MILP's own model, whichever peaks lower on its own intervals.
     best = None
     for exact in (True, False):
         model = _Model(info, iv, costs, False, exact_heads=exact, codec_options=codec_options)
@@ -705,14 +758,7 @@ def solve_plan(
     # do not depend on the budget, so solving again at the stated budget is
     # sure to find one that fits.
     smallest, save, recompute, keep, compress, model, x = best
-    if smallest > budget_bytes:
-        raise InfeasibleBudgetError(
-            f"memory budget of {budget_bytes} bytes is infeasible; the smallest budget adacc finds feasible is "
-            f"{smallest} bytes",
-            min_feasible_bytes=smallest,
-            budget_bytes=budget_bytes,
-        )
-    return SolveResult(
+    plan = SolveResult(
         save=save,
         recompute=recompute,
         keep_primals=keep,
@@ -730,6 +776,15 @@ def solve_plan(
         predicted_peak=smallest,
         compress=compress,
     )
+    if smallest > budget_bytes:
+        raise InfeasibleBudgetError(
+            f"memory budget of {budget_bytes} bytes is infeasible; the smallest budget adacc finds feasible is "
+            f"{smallest} bytes",
+            min_feasible_bytes=smallest,
+            budget_bytes=budget_bytes,
+            plan=plan,
+        )
+    return plan
 
 
 class _ModelInfeasible(Exception):
@@ -762,11 +817,15 @@ def _solve_once(
     share_layers: bool,
     banned: Sequence[tuple[fx.Node, fx.Node]] = (),
     codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
+    *,
+    exact_heads: bool = False,
 ) -> SolveResult:
     import highspy
 
     t0 = time.perf_counter()
-    model = _Model(info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options)
+    model = _Model(
+        info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options, exact_heads=exact_heads
+    )
     budget = float(budget_bytes)
     greedy = _greedy(model, budget)
     greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
@@ -786,7 +845,9 @@ def _solve_once(
         if share_layers and model.shared_layers:
             # Shared layer decisions can rule out a plan that exists per node.
             log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
-            return _solve_once(info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options)
+            return _solve_once(
+                info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options, exact_heads=exact_heads
+            )
         if status != highspy.HighsModelStatus.kInfeasible:
             raise _NoPlanInTime(status_name)
         raise _ModelInfeasible()

@@ -37,9 +37,12 @@ Three steps, each a function:
    holding inf or NaN.
 3. :func:`codecs_inserted` rewrites the joint graph for a plan: ``compress``
    right after the producer in the forward, the payloads saved, ``decompress``
-   right before the value's first backward reader; the backward's readers take
-   the decoded value. The rewrite is undone on exit, so one joint graph serves
-   several plans.
+   when the backward first needs the value; the backward's readers take the
+   decoded value. A compressed value may also be a recompute source (a
+   compressed checkpoint): the recomputed values downstream of it are rebuilt
+   in the backward from the decoded copy, by a copy of their forward ops that
+   reads it (the forward's own ops keep reading the exact value). The rewrite
+   is undone on exit, so one joint graph serves several plans.
 
    On the GPU the nodes call the codec's ops (fused Triton kernels). On the
    CPU, with round-to-nearest, a codec's plain-PyTorch definition is traced
@@ -78,6 +81,7 @@ __all__ = [
     "measure_menus",
     "sqnr_db",
     "codecs_inserted",
+    "rebuilt_from_decoded",
 ]
 
 aten = torch.ops.aten
@@ -509,8 +513,11 @@ def _fake_call(op, *args, **kwargs):
         return op(*args, **kwargs)
 
 
-def _insert_traced(gm, codec, node, first_reader, added, attrs) -> tuple[list[fx.Node], fx.Node]:
-    """The codec's PyTorch definition inlined: encode after ``node``, decode before its first reader."""
+def _insert_traced(gm, codec, node, decode_at, added, attrs) -> tuple[list[fx.Node], fx.Node]:
+    """The codec's PyTorch definition inlined: encode after ``node``, decode by ``decode_at``.
+
+    (see :func:`_place_for_backward`)
+    """
     val = node.meta["val"]
     shape = [int(s) for s in val.shape]
     enc = _traced(lambda x: tuple(codec.reference_compress(x)), val)
@@ -519,13 +526,15 @@ def _insert_traced(gm, codec, node, first_reader, added, attrs) -> tuple[list[fx
     for item in items:
         item.meta["adacc_payload"] = codec.name
     dec_gm = _traced(lambda *p: codec.reference_decompress(*p, shape, val.dtype), *[i.meta["val"] for i in items])
-    with gm.graph.inserting_before(first_reader):
+    start = len(added)
+    with gm.graph.inserting_before(decode_at):
         (dec,) = _inline(gm, dec_gm, items, added, attrs)
+    _place_for_backward(gm.graph, added[start:], decode_at)
     return items, dec
 
 
-def _insert_ops(graph, codec, node, first_reader, added, *, stochastic: bool) -> tuple[list[fx.Node], fx.Node]:
-    """Calls of the codec's ops: encode after ``node``, decode before its first reader."""
+def _insert_ops(graph, codec, node, decode_at, added, *, stochastic: bool) -> tuple[list[fx.Node], fx.Node]:
+    """Calls of the codec's ops: encode after ``node``, decode by ``decode_at`` (see :func:`_place_for_backward`)."""
     val = node.meta["val"]
     shape = [int(s) for s in val.shape]
     kwargs = {"stochastic": stochastic, "seed": _seed(node)}
@@ -544,32 +553,86 @@ def _insert_ops(graph, codec, node, first_reader, added, *, stochastic: bool) ->
         items.append(item)
         added.append(item)
         anchor = item
-    with graph.inserting_before(first_reader):
+    with graph.inserting_before(decode_at):
         dec = graph.call_function(_overload(codec.name, "decompress"), (*items, shape, val.dtype))
     dec.meta["val"] = _fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
     added.append(dec)
+    _place_for_backward(graph, [dec], decode_at)
     return items, dec
+
+
+def rebuilt_from_decoded(
+    info: JointGraphInfo, compress: dict[fx.Node, str] | set[fx.Node], recompute: set[fx.Node]
+) -> list[fx.Node]:
+    """The recomputed values that depend, through recomputed values, on a compressed one.
+
+    The backward rebuilds them from the decoded copy (in forward order).
+    """
+    reached: set[fx.Node] = set()
+    for node in sorted(recompute, key=info.order.__getitem__):
+        if any(a in compress or a in reached for a in node.all_input_nodes):
+            reached.add(node)
+    return sorted(reached, key=info.order.__getitem__)
+
+
+def _first_backward_node(info: JointGraphInfo) -> fx.Node:
+    """The joint graph's first node that reads a tangent.
+
+    Nodes placed before it that the backward needs are scheduled by the
+    partition's reordering just before their first use (as recomputed ones are).
+    """
+    from adacc_compiler.passes import _torch as tp
+
+    users = [u for p in info.gm.graph.find_nodes(op="placeholder") if tp._is_tangent(p) for u in p.users]
+    users = [u for u in users if u.op != "output"]
+    return min(users, key=info.order.__getitem__) if users else info.gm.graph.output_node()
+
+
+def _place_for_backward(graph: fx.Graph, nodes: Sequence[fx.Node], first_backward: fx.Node) -> None:
+    """Move ``nodes`` (new, in dependency order) just before ``first_backward``.
+
+    A node whose input the forward computes later (the joint graph
+    interleaves forward ops that only the backward reads) goes right after
+    that input instead.
+    """
+    for node in nodes:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        latest = max(node.all_input_nodes, key=order.__getitem__, default=None)
+        if latest is not None and order[latest] > order[first_backward]:
+            latest.append(node)
+        else:
+            first_backward.prepend(node)
 
 
 @contextlib.contextmanager
 def codecs_inserted(
-    info: JointGraphInfo, compress: dict[fx.Node, str], *, stochastic: bool = False
+    info: JointGraphInfo,
+    compress: dict[fx.Node, str],
+    *,
+    recompute: set[fx.Node] | frozenset[fx.Node] = frozenset(),
+    stochastic: bool = False,
 ) -> Iterator[dict[fx.Node, list[fx.Node]]]:
     """Insert compress/decompress nodes for ``compress`` into ``info.gm``; undo on exit.
 
     Yields the payload nodes (what the forward saves) of each compressed value.
-    Each compress node sits right after its value's producer; each decompress
-    right before the value's first backward reader, which (with every other
-    backward reader) reads the decoded value instead.
+    Each compress node sits right after its value's producer. Each decompress
+    sits ahead of the backward, so the partition's reordering runs it just
+    before the first backward op that needs the value; every backward reader
+    reads the decoded value. The values of ``recompute`` that depend on a
+    compressed value get a copy of their op that reads the decoded values
+    (tagged ``adacc_recompute_of`` in ``node.meta``), and their backward
+    readers read the copy.
     """
     from adacc_compiler.triton_kernels import get_codec
 
     graph = info.gm.graph
     added: list[fx.Node] = []
     attrs: list[str] = []
-    rewired: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (reader, original, decoded)
+    rewired: list[tuple[fx.Node, fx.Node, fx.Node]] = []  # (reader, original, replacement)
     payloads: dict[fx.Node, list[fx.Node]] = {}
+    decode_at = _first_backward_node(info)
     try:
+        rebuilt: dict[fx.Node, fx.Node] = {}
         for node in sorted(compress, key=info.order.__getitem__):
             codec = get_codec(compress[node])
             val = node.meta["val"]
@@ -577,19 +640,29 @@ def codecs_inserted(
             assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
             shape = [int(s) for s in val.shape]
             if fusible_on(val.device, stochastic=stochastic, codec=codec.name, shape=shape):
-                items, dec = _insert_traced(info.gm, codec, node, readers[0], added, attrs)
+                items, dec = _insert_traced(info.gm, codec, node, decode_at, added, attrs)
             else:
-                items, dec = _insert_ops(graph, codec, node, readers[0], added, stochastic=stochastic)
+                items, dec = _insert_ops(graph, codec, node, decode_at, added, stochastic=stochastic)
             assert len(items) == codec.num_payloads, codec.name
             dec.meta["adacc_decompress"] = codec.name
             payloads[node] = items
-            for r in readers:
-                r.replace_input_with(node, dec)
-                rewired.append((r, node, dec))
+            rebuilt[node] = dec
+        for node in rebuilt_from_decoded(info, compress, set(recompute)):
+            with graph.inserting_before(decode_at):
+                copy = graph.node_copy(node, lambda a: rebuilt.get(a, a))
+            copy.meta = dict(node.meta)
+            copy.meta["adacc_recompute_of"] = node.name
+            added.append(copy)
+            _place_for_backward(graph, [copy], decode_at)
+            rebuilt[node] = copy
+        for node, replacement in rebuilt.items():
+            for r in [u for u in node.users if u in info.bw_pos]:
+                r.replace_input_with(node, replacement)
+                rewired.append((r, node, replacement))
         yield payloads
     finally:
-        for reader, original, decoded in reversed(rewired):
-            reader.replace_input_with(decoded, original)
+        for reader, original, replacement in reversed(rewired):
+            reader.replace_input_with(replacement, original)
         for n in reversed(added):
             graph.erase_node(n)
         for name in attrs:

@@ -133,8 +133,11 @@ def simulate_partition(
     bw_size: dict[object, int] = {}
     for n in bw_nodes:
         is_saved = n.op == "placeholder" and n.name in saved
-        # A decoded value is held like a recomputed one: from its decode on.
-        is_recomputed = n.op == "call_function" and (n.name in forward_names or "adacc_decompress" in n.meta)
+        # A decoded value, and a value rebuilt from one, is held like a
+        # recomputed one: from its decode (rebuild) on.
+        is_recomputed = n.op == "call_function" and (
+            n.name in forward_names or "adacc_decompress" in n.meta or "adacc_recompute_of" in n.meta
+        )
         if not (is_saved or is_recomputed) or not isinstance(n.meta.get("val"), torch.Tensor):
             continue
         if storage_key(n) in param_keys:
@@ -300,7 +303,8 @@ def model_intervals(
                     continue
                 if need[u] >= ref - window:
                     pulling.append(u)
-                elif u in recomputable and c in recomputable:
+                elif u in recomputable:
+                    # (c may also be decoded for u: a compressed checkpoint)
                     far.append((c, u))
         for u in pulling:
             if need[u] < first:

@@ -2,8 +2,8 @@
 
 Given the values to save, to recompute and to compress, the forward graph
 returns exactly the saved values and the compressed values' payloads, and the
-backward graph rebuilds each recomputed value from saved ones, and decodes
-each compressed one, just before its first backward use. The
+backward graph rebuilds each recomputed value from saved, kept or decoded
+ones, and decodes each compressed one, just before its first backward use. The
 result is checked against the plan: a partition that saves or recomputes
 anything the plan did not ask for is an error, never a silent deviation.
 Decisions are recorded in ``node.meta["adacc"]`` on the joint graph.
@@ -50,7 +50,7 @@ def partition_with_plan(
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     compress = compress or {}
     check_closed(info, save=save, recompute=recompute, keep_primals=keep_primals, compress=compress)
-    with codecs_inserted(info, compress, stochastic=stochastic) as payloads:
+    with codecs_inserted(info, compress, recompute=recompute, stochastic=stochastic) as payloads:
         return _split(info, save=save, recompute=recompute, keep_primals=keep_primals, payloads=payloads)
 
 
@@ -109,15 +109,15 @@ def check_closed(
 ) -> None:
     """Every value the backward reads, or rebuilds from, must be available to it.
 
-    A compressed value is available to the backward's readers only, never to
-    recomputation.
+    A compressed value is available to both: recomputation reads its decoded
+    copy (a compressed checkpoint).
     """
     compress = compress or {}
     both = set(compress) & (save | recompute)
     if both:
         raise PlanMismatchError(f"the plan both compresses and saves or recomputes: {sorted(n.name for n in both)}")
     graph = dependency_graph(info)
-    available = {n.name for n in save | recompute | keep_primals} | {p.name for p in info.param_primals}
+    available = {n.name for n in save | recompute | keep_primals | set(compress)} | {p.name for p in info.param_primals}
     available |= {n.name for n in info.candidates if tp.is_sym_node(n)}
     available |= {p.name for p in info.primals if tp.is_sym_node(p)}
     missing = {}
@@ -148,6 +148,10 @@ def check_partition(
         raise PlanMismatchError(f"the partition saves values the plan does not: {sorted(extra_saved)}")
     fw_names = {n.name for n in info.fw_nodes}
     got_recomputed = {n.name for n in bw_gm.graph.nodes if n.op == "call_function" and n.name in fw_names}
+    # Values rebuilt from a decoded checkpoint run as copies of their forward op.
+    got_recomputed |= {
+        n.meta["adacc_recompute_of"] for n in bw_gm.graph.nodes if "adacc_recompute_of" in n.meta
+    }
     planned_recomputed = {n.name for n in recompute}
     extra = got_recomputed - planned_recomputed
     if extra:
