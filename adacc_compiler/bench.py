@@ -134,8 +134,16 @@ class BenchConfig:
     out: Path = Path("adacc_bench_out")
     tag: str = ""
     compress: str | None = None  # adacc's `compress` option for every adacc variant; None: its default
+    # Any other adacc options for every adacc variant (validated by AdaccConfig).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from adacc_compiler.config import AdaccConfig
+
+        bad = sorted(set(self.options) & {"memory_budget", "compress"})
+        if bad:
+            raise ValueError(f"options: set {', '.join(bad)} through the budgets and compress fields")
+        AdaccConfig.from_options(self.options, environ={})
         if self.compress is not None and self.compress not in COMPRESS_CHOICES:
             raise ValueError(f"compress: must be one of {COMPRESS_CHOICES} (or None for adacc's default), got {self.compress!r}")
         if self.model not in MODELS:
@@ -461,7 +469,7 @@ def run_bench(config: BenchConfig, *, write: bool = True) -> BenchResult:
         pass
 
     t_start = time.perf_counter()
-    adacc_options = {} if config.compress is None else {"compress": config.compress}
+    adacc_options = {**config.options, **({} if config.compress is None else {"compress": config.compress})}
     variants = select_variants(
         make_variants(config.budgets, config.pt_budgets, adacc_options=adacc_options), config.variants
     )
@@ -779,7 +787,7 @@ def check_results(
 
 #: Settings a baseline and the run checked against it must share: anything
 #: else makes the ratios incomparable.
-_SAME_SETUP = ("model", "layers", "batch", "seq", "width", "seed", "baseline", "compress")
+_SAME_SETUP = ("model", "layers", "batch", "seq", "width", "seed", "baseline", "compress", "options")
 
 
 def check_setup_matches(config: BenchConfig, baseline_meta: dict[str, Any]) -> None:

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=Path("adacc_train_out"), help="output directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     t.add_argument("--compress", choices=_COMPRESS, default=None, help="adacc's compress option (default: adacc's own, see README)")
+    _add_option_argument(t)
 
     # -- explain
     e = sub.add_parser(
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dump-dir", type=Path, default=Path("adacc_dumps"))
     e.add_argument("--no-profile", action="store_true", help="roofline op costs instead of timing each op")
     e.add_argument("--compress", choices=_COMPRESS, default=None, help="adacc's compress option (default: adacc's own)")
+    _add_option_argument(e)
 
     # -- bench
     b = sub.add_parser(
@@ -165,7 +167,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", type=Path, nargs="+", default=None, metavar="RESULTS.json", help="only draw a Pareto figure from these results")
     b.add_argument("--x", choices=["saved", "peak", "both"], default="saved", help="memory on the Pareto plot's x axis")
     b.add_argument("--compress", choices=_COMPRESS, default=None, help="adacc's compress option for every adacc variant (default: adacc's own)")
+    _add_option_argument(b)
     return parser
+
+
+# Options the subcommands set through their own flags.
+_FLAG_OPTIONS = ("memory_budget", "dump_dir", "compress")
+
+
+def _add_option_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="any other adacc option for the adacc runs, e.g. --option compress_sensitive=true "
+        "--option min_sqnr_db=30 (repeatable; see the README's options table)",
+    )
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as adacc options, validated as torch.compile would."""
+    from adacc_compiler.config import AdaccConfig
+
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--option: expected KEY=VALUE, got {pair!r}")
+        if key in _FLAG_OPTIONS:
+            raise ValueError(f"--option: set {key!r} with its own flag (--{key.replace('_', '-').replace('memory-', '')})")
+        options[key] = value.strip()
+    AdaccConfig.from_options(options, environ={})  # unknown keys and bad values fail here, naming the option
+    return options
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -189,6 +221,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
         compress=args.compress,
+        options=_parse_options(args.option),
     )
     result = run_train(config)
     print()
@@ -218,6 +251,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         options["profile"] = False
     if args.compress is not None:
         options["compress"] = args.compress
+    options.update(_parse_options(args.option))
     fwd = torch.compile(model, backend=adacc_backend_ref(), options=options)
     before = len(compiled_graphs())
     make_step(model, fwd, batch)()
@@ -278,6 +312,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out=args.out if args.out is not None else Path("adacc_bench_out"),
         tag=args.tag,
         compress=args.compress,
+        options=_parse_options(args.option),
     )
     baseline_rows = None
     if args.check is not None:

@@ -399,7 +399,7 @@ class _Model:
     def decisions(self, x: np.ndarray) -> tuple[set, set, set, dict]:
         """(save, recompute, keep, compress) of a solution vector."""
         save = {c for c, k in self.save_col.items() if x[k] > 0.5}
-        recompute = {c for c, k in self.rec_col.items() if x[k] > 0.5}
+        recompute = _needed(self.info, {c for c, k in self.rec_col.items() if x[k] > 0.5})
         keep = {p for p, k in self.keep_col.items() if x[k] > 0.5}
         compress = {c: name for c, cols in self.comp_col.items() for name, k in cols.items() if x[k] > 0.5}
         return save, recompute, keep, compress
@@ -433,6 +433,21 @@ class _Model:
             if v < lo - 1e-9 or v > hi + 1e-9:
                 return False
         return True
+
+
+def _needed(info: JointGraphInfo, recompute: set[fx.Node]) -> set[fx.Node]:
+    """The recomputed values the backward uses: read by it, or by another such value.
+
+    A solution may switch on a recompute column nothing reads (it costs the
+    smallest-peak search almost nothing); the partition would drop it as dead
+    code, so the plan does not list it.
+    """
+    boundary = set(info.boundary)
+    needed: set[fx.Node] = set()
+    for c in sorted(recompute, key=lambda n: -info.order[n]):
+        if c in boundary or any(u in needed for u in c.users):
+            needed.add(c)
+    return needed
 
 
 def _greedy(model: _Model, budget: float) -> np.ndarray | None:
@@ -720,24 +735,32 @@ def solve_plan(
         target -= res.predicted_peak - budget_bytes
         if target <= 0:
             break
-    # The exact-head model's predictions hold for every plan it admits (it
-    # admits fewer recompute chains): its cheapest plan under the budget comes
-    # before the smallest-peak fallback.
-    if why_fallback == "no MILP round fitted on its own intervals":
+    # The exact-head model admits fewer recompute chains and charges them
+    # closely: its cheapest plan under the budget comes before the
+    # smallest-peak fallback. It is judged on its own intervals too; an
+    # overshoot lowers the target below that plan's model peak.
+    target = budget_bytes
+    for _ in range(3 if why_fallback == "no MILP round fitted on its own intervals" else 0):
         try:
             res = _solve_once(
-                info, iv, costs, budget_bytes, time_limit, mip_gap, share_layers, (), codec_options, exact_heads=True
+                info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options, exact_heads=True
             )
         except (_NoPlanInTime, _ModelInfeasible) as stop:
             log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)
-        else:
-            res.predicted_peak = own_peak(
-                info, costs, res.save, res.recompute, res.keep_primals, res.compress, codec_options
-            )
-            log.debug("exact-head MILP: own-interval peak %d (budget %d)", res.predicted_peak, budget_bytes)
-            if res.predicted_peak <= budget_bytes:
-                res.time_s = time.perf_counter() - t0
-                return res
+            break
+        model_peak = res.predicted_peak
+        res.predicted_peak = own_peak(info, costs, res.save, res.recompute, res.keep_primals, res.compress, codec_options)
+        log.debug(
+            "exact-head MILP target %d: model peak %d, own-interval peak %d (budget %d)",
+            target,
+            model_peak,
+            res.predicted_peak,
+            budget_bytes,
+        )
+        if res.predicted_peak <= budget_bytes:
+            res.time_s = time.perf_counter() - t0
+            return res
+        target = min(target, model_peak) - (res.predicted_peak - budget_bytes)
     # Fall back to the smallest-peak plan: from the exact-head model or from
     # the MILP's own model, whichever peaks lower on its own intervals.
     best = None

@@ -94,8 +94,16 @@ class TrainConfig:
     out: Path = Path("adacc_train_out")
     progress: bool = True
     compress: str | None = None  # adacc's `compress` option; None: its default
+    # Any other adacc options (validated by AdaccConfig).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from adacc_compiler.config import AdaccConfig
+
+        bad = sorted(set(self.options) & {"memory_budget", "compress", "dump_dir"})
+        if bad:
+            raise ValueError(f"options: set {', '.join(bad)} through the budget, compress and out fields")
+        AdaccConfig.from_options(self.options, environ={})
         if self.compress is not None and self.compress not in ("lossy", "lossless", "off"):
             raise ValueError(f"compress: must be 'lossy', 'lossless' or 'off' (or None for adacc's default), got {self.compress!r}")
         if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget <= 1.0):
@@ -254,6 +262,7 @@ def run_train(config: TrainConfig, *, stream: TextIO | None = None) -> TrainResu
             options={
                 "memory_budget": config.budget,
                 "dump_dir": str(dump_dir),
+                **config.options,
                 **({} if config.compress is None else {"compress": config.compress}),
             },
         ),

@@ -289,9 +289,10 @@ def model_intervals(
         # Head: the earliest reader. Recomputed users pull it earlier; without
         # a tentative set, only a value with no direct reader takes its users'.
         if recomputed is not None:
+            # Only recomputed users pull it; a value neither the backward nor a
+            # recomputation reads is not needed by this plan at all (a rebuild
+            # of it is dead code, which the partition drops).
             pulling = [u for u in users if u in recomputed]
-            if not pulling and not direct:
-                pulling = users
         elif window is None:
             pulling = users
         else:

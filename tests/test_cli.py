@@ -208,6 +208,23 @@ def test_options_are_validated():
         TrainConfig(width=30)
     with pytest.raises(SystemExit):
         cli.main(["bench", "--budgets", "2"])
+    # Other adacc options: validated as torch.compile would, before any run.
+    assert cli._parse_options(["compress_sensitive=true", "min_sqnr_db = 30"]) == {
+        "compress_sensitive": "true",
+        "min_sqnr_db": "30",
+    }
+    with pytest.raises(ValueError, match="unknown adacc option.*'sqnr'"):
+        cli._parse_options(["sqnr=30"])
+    with pytest.raises(ValueError, match="min_sqnr_db: expected a number"):
+        cli._parse_options(["min_sqnr_db=loud"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        cli._parse_options(["compress_sensitive"])
+    with pytest.raises(ValueError, match="own flag"):
+        cli._parse_options(["memory_budget=0.3"])
+    with pytest.raises(ValueError, match="compress_sensitive"):
+        BenchConfig(options={"compress_sensitive": "maybe"})
+    with pytest.raises(ValueError, match="options: set compress"):
+        TrainConfig(options={"compress": "off"})
 
 
 def test_cli_choices_match_the_package():

@@ -33,28 +33,20 @@ aten = torch.ops.aten
 
 
 class ReluMLP(nn.Module):
-    """ReLU layers: the backward reads boolean masks the forward computes."""
+    """ReLU layers: the backward reads boolean masks the forward computes.
 
-    def __init__(self, width: int = 128, depth: int = 6) -> None:
+    With ``residual``, each layer is ``x + relu(fc(x))``: the backward then
+    reads each ReLU's mask but not its output.
+    """
+
+    def __init__(self, width: int = 128, depth: int = 6, *, residual: bool = False) -> None:
         super().__init__()
+        self.residual = residual
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = F.relu(layer(x))
-        return x.pow(2).mean()
-
-
-class ResidualReluMLP(nn.Module):
-    """``x + relu(fc(x))``: the backward reads each ReLU's mask, not its output."""
-
-    def __init__(self, width: int = 128, depth: int = 4) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = x + F.relu(layer(x))
+            x = x + F.relu(layer(x)) if self.residual else F.relu(layer(x))
         return x.pow(2).mean()
 
 
@@ -245,7 +237,7 @@ def test_lossless_masks_keep_gradients_exact():
     # Every layer input is saved (the weight gradients read it); a 1-bit mask
     # per layer is then the smallest way to keep what the ReLU backward reads,
     # so the smallest-peak plan packs the masks.
-    result = run_adacc(ResidualReluMLP, _relu_loss, 0.01, compress="lossless")
+    result = run_adacc(lambda: ReluMLP(depth=4, residual=True), _relu_loss, 0.01, compress="lossless")
     check(result)
     codecs = {d.codec for d in result.plan.decisions if d.codec}
     assert codecs == {"bool1"}, result.plan.table()
