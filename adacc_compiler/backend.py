@@ -186,9 +186,9 @@ class AdaccPartitioner(CustomPartitionerFn):
         )
 
 
-def _codec_options(info, menus, cost_model) -> dict[fx.Node, list]:
+def _codec_options(info, menus, cost_model, *, stochastic: bool) -> dict[fx.Node, list]:
     """Each offered codec with its payload bytes and measured encode + decode time."""
-    from adacc_compiler.passes.compress import CodecOption
+    from adacc_compiler.passes.compress import CodecOption, fusible_on
     from adacc_compiler.triton_kernels import get_codec
 
     options = {}
@@ -202,7 +202,15 @@ def _codec_options(info, menus, cost_model) -> dict[fx.Node, list]:
                 CodecOption(
                     codec=name,
                     nbytes=int(codec.compressed_nbytes(shape, val.dtype)),
-                    cost_s=float(cost_model.codec_cost(name, shape, val.dtype, val.device)),
+                    cost_s=float(
+                        cost_model.codec_cost(
+                            name,
+                            shape,
+                            val.dtype,
+                            val.device,
+                            fused=fusible_on(val.device, stochastic=stochastic, codec=name, shape=shape),
+                        )
+                    ),
                     sqnr_db=None if codec.lossless else menu.sqnr_db.get(name),
                 )
             )
@@ -290,7 +298,7 @@ def plan_and_partition(
     codec_note = measure_menus(
         info, menus, real_inputs, min_sqnr_db=config.min_sqnr_db, stochastic=config.stochastic_rounding
     )
-    codec_options = _codec_options(info, menus, cost_model)
+    codec_options = _codec_options(info, menus, cost_model, stochastic=config.stochastic_rounding)
     t_codec = time.perf_counter() - t_codec
 
     def partition(plan):

@@ -535,6 +535,21 @@ def _build_args(
     return args, kwargs
 
 
+def _encode_with(codec: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(codec.reference_compress(x))
+
+    return encode
+
+
+def _decode_with(codec: Any, shape: Sequence[int], dtype: torch.dtype, *, ops: bool = False) -> Callable[..., torch.Tensor]:
+    def decode(*payloads: torch.Tensor) -> torch.Tensor:
+        fn = codec.decompress_op if ops else codec.reference_decompress
+        return fn(*payloads, list(shape), dtype)
+
+    return decode
+
+
 def _time_call(fn: Callable[[], Any], device: torch.device) -> float:
     """Median seconds per call of ``fn`` over a few rounds of back-to-back calls."""
     if device.type == "cuda":
@@ -827,14 +842,25 @@ class CostModel:
         assert len(costs) == len(set(nodes)), "every node must get a cost"
         return {n: costs[n] for n in nodes}
 
-    def codec_cost(self, codec_name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> float:
+    def codec_cost(
+        self,
+        codec_name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        fused: bool = False,
+    ) -> float:
         """Seconds to encode and then decode one ``shape`` x ``dtype`` tensor with a codec.
 
-        Measured through the codec's ops on random data on ``device`` (cached
-        like op costs) when profiling, else the roofline: both passes move the
-        full tensor and the payload once. Codecs that adacc inlines on the CPU
-        for Inductor to fuse run faster than their ops, so the ops' time is an
-        upper bound for them.
+        Measured on random data on ``device`` (cached like op costs) when
+        profiling, else the roofline: both passes move the full tensor and the
+        payload once. ``fused``: the rewrite inlines the codec's PyTorch
+        definition for Inductor (see
+        :func:`adacc_compiler.passes.compress.fusible_on`), so its encode and
+        decode are each compiled by Inductor and timed as such kernels; else
+        the codec's ops are timed. (Inlined into their neighbours' kernels they
+        run faster still.)
         """
         from torch.utils._python_dispatch import _disable_current_modes
 
@@ -850,7 +876,11 @@ class CostModel:
         if not self.profile or not _device_usable(device):
             self._stats["roofline"] += 1
             return roofline
-        key = f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|codec {codec_name}|{tuple(shape)}|{dtype}"
+        path = "fused" if fused else "ops"
+        key = (
+            f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|codec {codec_name} {path}|"
+            f"{tuple(shape)}|{dtype}"
+        )
         if key in self._table:
             self._stats["cache_hits"] += 1
             return self._table[key]
@@ -861,10 +891,19 @@ class CostModel:
                 x = torch.rand(shape, generator=gen, device=device) > 0.5
             else:
                 x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-            out = codec.compress_op(x)
-            seconds = _time_call(lambda: codec.compress_op(x), device) + _time_call(
-                lambda: codec.decompress_op(*out, list(shape), dtype), device
-            )
+            if fused:
+                encode = torch.compile(_encode_with(codec), backend="inductor", fullgraph=True, dynamic=False)
+                decode = torch.compile(_decode_with(codec, shape, dtype), backend="inductor", fullgraph=True, dynamic=False)
+                # One compile per codec and shape (Dynamo's recompile limit
+                # counts them per function, as if they were one function's
+                # guard failures).
+                with torch._dynamo.config.patch(recompile_limit=1_000_000, accumulated_recompile_limit=1_000_000):
+                    out = encode(x)
+                    decode(*out)
+            else:
+                encode, decode = codec.compress_op, _decode_with(codec, shape, dtype, ops=True)
+                out = encode(x)
+            seconds = _time_call(lambda: encode(x), device) + _time_call(lambda: decode(*out), device)
         self._stats["measure_seconds"] += time.perf_counter() - t0
         self._stats["measured"] += 1
         self._table[key] = seconds

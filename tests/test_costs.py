@@ -420,3 +420,24 @@ def test_cuda_measurement():
     assert cm.stats["measured"] == 1 and cm.stats["measure_failed"] == 0
     # 2 GFLOP in fp32 (TF32 off by default): between 1 us and 100 ms on any GPU.
     assert 1e-6 < cost < 0.1
+
+
+def test_codec_costs_time_the_path_the_rewrite_emits(tmp_path):
+    # On the CPU the rewrite inlines the fusible codecs for Inductor: their
+    # cost is timed as Inductor-compiled encode and decode kernels; the others
+    # as the codec's ops. Both are cached, under separate keys.
+    cm = CostModel(profile=True, cache_dir=str(tmp_path))
+    shape, cpu = (64, 256), torch.device("cpu")
+    fused = cm.codec_cost("int8_token", shape, torch.float32, cpu, fused=True)
+    ops = cm.codec_cost("int8_token", shape, torch.float32, cpu)
+    assert fused > 0 and ops > 0
+    assert cm.stats["measured"] == 2
+    again = CostModel(profile=True, cache_dir=str(tmp_path))
+    assert again.codec_cost("int8_token", shape, torch.float32, cpu, fused=True) == fused
+    assert again.codec_cost("int8_token", shape, torch.float32, cpu) == ops
+    assert again.stats["measured"] == 0 and again.stats["cache_hits"] == 2
+    # Without profiling both are the same roofline.
+    roof = CostModel(profile=False, cache_dir=None)
+    assert roof.codec_cost("int8_token", shape, torch.float32, cpu, fused=True) == roof.codec_cost(
+        "int8_token", shape, torch.float32, cpu
+    )
