@@ -259,6 +259,7 @@ def plan_and_partition(
     from adacc_compiler.passes.compress import codec_menus, measure_menus
     from adacc_compiler.passes.liveness import simulate
     from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
+    from adacc_compiler import smallest as smallest_plans
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
 
     t_start = time.perf_counter()
@@ -311,6 +312,7 @@ def plan_and_partition(
             stochastic=config.stochastic_rounding,
         )
 
+    plan_key = smallest_plans.plan_key(gm, config)
     target = budget
     attempts = []
     for attempt in range(_MAX_TIGHTENING_ROUNDS):
@@ -325,24 +327,34 @@ def plan_and_partition(
                 codec_options=codec_options,
             )
         except InfeasibleBudgetError as err:
-            # The error carries the smallest-peak plan; its exact simulation
-            # decides: it is used if it fits the budget (the model's target
-            # may have been lowered below what it needs), and otherwise its
-            # simulated peak is the smallest budget stated.
-            fallback = err.plan
-            fw_gm, bw_gm = partition(fallback)
-            plan_tl = simulate(info, fw_gm, bw_gm)
+            # The error carries the smallest-peak plan, and an earlier compile
+            # of this graph may have remembered a smaller one; their exact
+            # simulations decide. The smaller is used if it fits the budget
+            # (the model's target may have been lowered below what it needs),
+            # and otherwise its simulated peak is the smallest budget stated.
+            candidates = [err.plan]
+            recalled = smallest_plans.recall(config, plan_key, gm, codec_options)
+            if recalled is not None:
+                candidates.append(dataclasses.replace(err.plan, **recalled[1]))
+            best = None
+            for candidate in candidates:
+                fw_gm, bw_gm = partition(candidate)
+                plan_tl = simulate(info, fw_gm, bw_gm)
+                if best is None or plan_tl.peak < best[0].peak:
+                    best = (plan_tl, candidate, fw_gm, bw_gm)
+            plan_tl, fallback, fw_gm, bw_gm = best
+            smallest_plans.remember(config, plan_key, plan_tl.peak, fallback)
             attempts.append((target, fallback.predicted_peak, plan_tl.peak))
             if plan_tl.peak <= budget * (1 + _BUDGET_RTOL):
                 res = fallback
+                res.predicted_peak = plan_tl.peak
                 res.fallback = (
                     f"no plan fitted the model's budget of {target} bytes; the smallest-peak plan fits the budget"
                 )
                 break
-            # Headroom for the solver's time limit: the search for the
-            # smallest peak is a MILP too, and may stop at a slightly
-            # different plan in another process.
-            smallest = int(math.ceil(max(plan_tl.peak, err.min_feasible_bytes) * (1 + _SMALLEST_HEADROOM)))
+            # Headroom for another machine's timings: the cost model, and so
+            # the plans compared, may differ there.
+            smallest = int(math.ceil(plan_tl.peak * (1 + _SMALLEST_HEADROOM)))
             frac = (
                 f" ({smallest / stock_peak:.3f} of stock Inductor's peak of {stock_peak} bytes)" if stock_peak else ""
             )

@@ -45,6 +45,8 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
+import sys
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -519,11 +521,40 @@ def _close(model: _Model, x: np.ndarray) -> bool:
     return True
 
 
+_highs_banner_done = False
+
+
+def _new_highs():
+    """A silent HiGHS instance.
+
+    The first instance in a process prints HiGHS's banner on the C-level
+    stdout before any option can be set; it would interleave with the user's
+    output on every compile, so it goes to /dev/null.
+    """
+    import highspy
+
+    global _highs_banner_done
+    if _highs_banner_done:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 1)
+                h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        _highs_banner_done = True
+    h.setOptionValue("output_flag", False)
+    return h
+
+
 def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
     import highspy
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _new_highs()
     n = model.num_cols
     npts = len(model.points)
     inf = highspy.kHighsInf
