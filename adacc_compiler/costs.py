@@ -535,19 +535,16 @@ def _build_args(
     return args, kwargs
 
 
-def _encode_with(codec: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+def _reference_codec(codec: Any, shape: Sequence[int], dtype: torch.dtype) -> tuple[Callable, Callable]:
+    """The codec's PyTorch definition as an (encode, decode) pair, for Inductor to compile."""
+
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(codec.reference_compress(x))
 
-    return encode
-
-
-def _decode_with(codec: Any, shape: Sequence[int], dtype: torch.dtype, *, ops: bool = False) -> Callable[..., torch.Tensor]:
     def decode(*payloads: torch.Tensor) -> torch.Tensor:
-        fn = codec.decompress_op if ops else codec.reference_decompress
-        return fn(*payloads, list(shape), dtype)
+        return codec.reference_decompress(*payloads, list(shape), dtype)
 
-    return decode
+    return encode, decode
 
 
 def _time_call(fn: Callable[[], Any], device: torch.device) -> float:
@@ -892,8 +889,10 @@ class CostModel:
             else:
                 x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
             if fused:
-                encode = torch.compile(_encode_with(codec), backend="inductor", fullgraph=True, dynamic=False)
-                decode = torch.compile(_decode_with(codec, shape, dtype), backend="inductor", fullgraph=True, dynamic=False)
+                encode, decode = (
+                    torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False)
+                    for fn in _reference_codec(codec, shape, dtype)
+                )
                 # One compile per codec and shape (Dynamo's recompile limit
                 # counts them per function, as if they were one function's
                 # guard failures).
@@ -901,7 +900,8 @@ class CostModel:
                     out = encode(x)
                     decode(*out)
             else:
-                encode, decode = codec.compress_op, _decode_with(codec, shape, dtype, ops=True)
+                encode = codec.compress_op
+                decode = lambda *p: codec.decompress_op(*p, list(shape), dtype)  # noqa: E731
                 out = encode(x)
             seconds = _time_call(lambda: encode(x), device) + _time_call(lambda: decode(*out), device)
         self._stats["measure_seconds"] += time.perf_counter() - t0

@@ -695,7 +695,7 @@ def solve_plan(
     banned: list[tuple[fx.Node, fx.Node]] = []
     res = None
     closest: SolveResult | None = None  # the round that overshot least
-    why_fallback = "no MILP round fitted on its own intervals"
+    timed_out: str | None = None  # HiGHS's status when a round stopped without any plan
     # The model's intervals, with the heads and tails plans showed (see below).
     learning = dataclasses.replace(iv, need=dict(iv.need), last_recomputed=dict(iv.last_recomputed))
     last_bans = 0
@@ -711,7 +711,7 @@ def solve_plan(
                 stop,
                 time_limit,
             )
-            why_fallback = f"HiGHS stopped without a plan ({stop})"
+            timed_out = str(stop)
             break
         except _ModelInfeasible:
             log.debug("MILP target %d with %d banned pairs: infeasible", target, len(banned))
@@ -771,7 +771,7 @@ def solve_plan(
     # smallest-peak fallback. It is judged on its own intervals too; an
     # overshoot lowers the target below that plan's model peak.
     target = budget_bytes
-    for _ in range(3 if why_fallback == "no MILP round fitted on its own intervals" else 0):
+    for _ in range(0 if timed_out else 3):
         try:
             res = _solve_once(
                 info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options, exact_heads=True
@@ -808,9 +808,9 @@ def solve_plan(
         )
         if best is None or peak < best[0]:
             best = (peak, save, recompute, keep, compress, model, x)
-    # The stated smallest budget comes from the smallest-peak plans only: they
-    # do not depend on the budget, so solving again at the stated budget is
-    # sure to find one that fits.
+    # The smallest-peak plan does not depend on the budget: the error below
+    # carries it, and the backend states the smallest budget from its exact
+    # simulation (and remembers it, see adacc_compiler.smallest).
     smallest, save, recompute, keep, compress, model, x = best
     plan = SolveResult(
         save=save,
@@ -826,7 +826,10 @@ def solve_plan(
         num_nonzeros=res.num_nonzeros if res else 0,
         shared_layers=0,
         warm_start=False,
-        fallback=f"{why_fallback}; the smallest-peak plan fits",
+        fallback=(
+            f"HiGHS stopped without a plan ({timed_out})" if timed_out else "no MILP round fitted on its own intervals"
+        )
+        + "; the smallest-peak plan fits",
         predicted_peak=smallest,
         compress=compress,
     )

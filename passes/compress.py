@@ -81,7 +81,6 @@ __all__ = [
     "measure_menus",
     "sqnr_db",
     "codecs_inserted",
-    "rebuilt_from_decoded",
 ]
 
 aten = torch.ops.aten
@@ -529,7 +528,7 @@ def _insert_traced(gm, codec, node, decode_at, added, attrs) -> tuple[list[fx.No
     start = len(added)
     with gm.graph.inserting_before(decode_at):
         (dec,) = _inline(gm, dec_gm, items, added, attrs)
-    _place_for_backward(gm.graph, added[start:], decode_at)
+    _place_for_backward(added[start:], decode_at)
     return items, dec
 
 
@@ -557,12 +556,12 @@ def _insert_ops(graph, codec, node, decode_at, added, *, stochastic: bool) -> tu
         dec = graph.call_function(_overload(codec.name, "decompress"), (*items, shape, val.dtype))
     dec.meta["val"] = _fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
     added.append(dec)
-    _place_for_backward(graph, [dec], decode_at)
+    _place_for_backward([dec], decode_at)
     return items, dec
 
 
-def rebuilt_from_decoded(
-    info: JointGraphInfo, compress: dict[fx.Node, str] | set[fx.Node], recompute: set[fx.Node]
+def _rebuilt_from_decoded(
+    info: JointGraphInfo, compress: dict[fx.Node, str], recompute: set[fx.Node] | frozenset[fx.Node]
 ) -> list[fx.Node]:
     """The recomputed values that depend, through recomputed values, on a compressed one.
 
@@ -588,7 +587,7 @@ def _first_backward_node(info: JointGraphInfo) -> fx.Node:
     return min(users, key=info.order.__getitem__) if users else info.gm.graph.output_node()
 
 
-def _place_for_backward(graph: fx.Graph, nodes: Sequence[fx.Node], first_backward: fx.Node) -> None:
+def _place_for_backward(nodes: Sequence[fx.Node], first_backward: fx.Node) -> None:
     """Move ``nodes`` (new, in dependency order) just before ``first_backward``.
 
     A node whose input the forward computes later (the joint graph
@@ -596,9 +595,9 @@ def _place_for_backward(graph: fx.Graph, nodes: Sequence[fx.Node], first_backwar
     that input instead.
     """
     for node in nodes:
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        latest = max(node.all_input_nodes, key=order.__getitem__, default=None)
-        if latest is not None and order[latest] > order[first_backward]:
+        # fx.Node compares by graph position (kept up to date as nodes move).
+        latest = max(node.all_input_nodes, default=None)
+        if latest is not None and latest > first_backward:
             latest.append(node)
         else:
             first_backward.prepend(node)
@@ -636,8 +635,9 @@ def codecs_inserted(
         for node in sorted(compress, key=info.order.__getitem__):
             codec = get_codec(compress[node])
             val = node.meta["val"]
-            readers = sorted((u for u in node.users if u in info.bw_pos), key=info.order.__getitem__)
-            assert readers, f"adacc internal error: {node.name} is compressed but no backward node reads it"
+            assert any(
+                u in info.bw_pos for u in node.users
+            ), f"adacc internal error: {node.name} is compressed but no backward node reads it"
             shape = [int(s) for s in val.shape]
             if fusible_on(val.device, stochastic=stochastic, codec=codec.name, shape=shape):
                 items, dec = _insert_traced(info.gm, codec, node, decode_at, added, attrs)
@@ -647,13 +647,12 @@ def codecs_inserted(
             dec.meta["adacc_decompress"] = codec.name
             payloads[node] = items
             rebuilt[node] = dec
-        for node in rebuilt_from_decoded(info, compress, set(recompute)):
+        for node in _rebuilt_from_decoded(info, compress, recompute):
             with graph.inserting_before(decode_at):
-                copy = graph.node_copy(node, lambda a: rebuilt.get(a, a))
-            copy.meta = dict(node.meta)
+                copy = graph.node_copy(node, lambda a: rebuilt.get(a, a))  # (meta copied too)
             copy.meta["adacc_recompute_of"] = node.name
             added.append(copy)
-            _place_for_backward(graph, [copy], decode_at)
+            _place_for_backward([copy], decode_at)
             rebuilt[node] = copy
         for node, replacement in rebuilt.items():
             for r in [u for u in node.users if u in info.bw_pos]:
