@@ -39,6 +39,7 @@ there is no GPU) as a smoke test.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import logging
 import math
@@ -58,7 +59,7 @@ log = logging.getLogger("bench.gpu.e2e")
 
 COLUMNS = [
     "variant", "budget", "tokens_per_s", "step_ratio", "step_ms", "peak_mib", "saved_mib",
-    "budget_mib", "compile_s", "status", "error",
+    "budget_mib", "grad_err", "compile_s", "status", "error",
 ]  # fmt: skip
 
 
@@ -177,15 +178,15 @@ def write_results(out: Path, rows: list[dict], header: str, *, gib: bool) -> Non
     lines = [
         header,
         "",
-        f"| variant | tokens/s | step ratio | peak {unit} | saved {unit} | budget {unit} | compile s | status |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| variant | tokens/s | step ratio | peak {unit} | saved {unit} | budget {unit} | grad err | compile s | status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         status = r["status"] + (f": {r['error'][:160]}" if r.get("error") else "")
         lines.append(
             f"| {r['variant']} | {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('step_ratio'), '.3f')} | "
             f"{mem(r.get('peak_mib'))} | {mem(r.get('saved_mib'))} | {mem(r.get('budget_mib'))} | "
-            f"{fmt(r.get('compile_s'), '.0f')} | {status.replace('|', '/')} |"
+            f"{fmt(r.get('grad_err'), '.2e')} | {fmt(r.get('compile_s'), '.0f')} | {status.replace('|', '/')} |"
         )
     (out / "e2e_gpu.md").write_text("\n".join(lines) + "\n")
 
@@ -225,9 +226,18 @@ def main(argv=None) -> int:
         f"bf16, batch {args.batch} x seq {args.seq}, on {gpu}; torch {torch.__version__}. Step = zero grads, "
         f"forward, backward. Ratios to stock Inductor, median of {args.rounds} interleaved rounds; peak = "
         f"{'max_memory_allocated' if device == 'cuda' else 'profiler memory events'} during a step above its start; "
-        f"saved = bytes one forward keeps for the backward."
+        f"saved = bytes one forward keeps for the backward; grad err = ||g - g_eager|| / ||g_eager|| over all "
+        f"parameters against one eager step in the same dtype (stock Inductor's own error is the scale)."
     )
     print(header, flush=True)
+
+    # Eager gradients in the same dtype: in bf16 every compiled variant differs
+    # from them by rounding, so stock Inductor's own error is the yardstick and
+    # a wrong rewrite shows as an error far above it.
+    ref = copy.deepcopy(base)
+    bench.make_step(ref, ref, batch)()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
     rows: list[dict] = []
     steps = {}
@@ -241,7 +251,7 @@ def main(argv=None) -> int:
                 row["status"] = "skipped"
             else:
                 print(f"[{elapsed:6.0f}s] preparing {v.name} ...", flush=True)
-                step = bench.prepare_variant(v, base, batch, None, row, device=device)
+                step = bench.prepare_variant(v, base, batch, ref, row, device=device)
                 if step is not None:
                     steps[v.name] = step
                 if device == "cuda":
@@ -253,6 +263,7 @@ def main(argv=None) -> int:
                     "peak_mib": row["peak_mib"],
                     "saved_mib": row["saved_mib"],
                     "budget_mib": row["budget_mib"],
+                    "grad_err": row.get("grad_rel_err"),
                     "compile_s": row["compile_s"],
                     "status": row["status"],
                     "error": row["error"],
