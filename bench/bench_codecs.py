@@ -56,7 +56,8 @@ def import_codecs():
     checkout without running ``adacc_compiler/__init__.py``, which needs the
     planner's dependencies; the codecs need only torch and triton.
     """
-    if importlib.util.find_spec("adacc_compiler") is None:
+    # find_spec raises on a package mapped here earlier in the same process.
+    if "adacc_compiler" not in sys.modules and importlib.util.find_spec("adacc_compiler") is None:
         pkg = types.ModuleType("adacc_compiler")
         pkg.__path__ = [str(REPO / "adacc_compiler"), str(REPO)]
         sys.modules["adacc_compiler"] = pkg

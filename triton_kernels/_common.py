@@ -11,7 +11,8 @@ three implementations follow one definition:
   and its reciprocal stays finite;
 * ``inv = qmax / amax`` and ``scale = amax / qmax``, both correctly rounded
   float32 divisions (``tl.math.div_rn`` in the kernels; never
-  ``Tensor.__rtruediv__``, which multiplies by a reciprocal);
+  ``Tensor.__rtruediv__`` or a Python-number divisor, which CUDA
+  multiplies by a reciprocal);
 * codes: ``round_half_even(x * inv)`` or, stochastically,
   ``floor(x * inv + u)`` with ``u ~ U[0, 1)``, clamped to ``[-qmax, qmax]``;
 * a group holding any NaN or infinity gets codes 0 and scale NaN, so the whole
@@ -142,6 +143,16 @@ def cpu_noise(shape: Sequence[int], seed: int, device: torch.device | str = "cpu
 # --------------------------------------------------------------------------------------
 
 
+def _exact_div(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device.
+
+    On CUDA, PyTorch divides by a Python number as a multiplication by its
+    reciprocal, which is off by one ulp for some ``x``; a tensor divisor takes
+    the true division, which the kernels' ``div_rn`` matches.
+    """
+    return x / torch.full_like(x, float(divisor))
+
+
 def reference_quantize_groups(
     groups: torch.Tensor, qmax: int, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +170,7 @@ def reference_quantize_groups(
     codes = torch.round(scaled) if noise is None else torch.floor(scaled + noise)
     codes = codes.clamp(-qmax, qmax)
     codes = torch.where(group_finite[:, None], codes, 0.0)
-    scale = torch.where(group_finite, amax / qmax, float("nan"))
+    scale = torch.where(group_finite, _exact_div(amax, qmax), float("nan"))
     return codes, scale
 
 
@@ -192,7 +203,7 @@ def fast_quantize_groups(
     else:
         codes.add_(noise).floor_()
     codes.clamp_(-qmax, qmax).nan_to_num_(0.0)
-    scale = torch.where(group_finite, amax / qmax, float("nan"))
+    scale = torch.where(group_finite, _exact_div(amax, qmax), float("nan"))
     return codes, scale
 
 

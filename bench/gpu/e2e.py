@@ -112,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--time-limit", type=float, default=360.0, help="seconds after which no further variant is prepared")
+    p.add_argument("--profile", action="store_true", help="after timing, print each variant's CUDA kernel time by kind and its top kernels")
     p.add_argument("--site", action="append", default=[], help="directory or wheel to import packages (highspy) from")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: $OUT, else bench/results/gpu)")
     args = p.parse_args(argv)
@@ -191,9 +192,55 @@ def write_results(out: Path, rows: list[dict], header: str, *, gib: bool) -> Non
     (out / "e2e_gpu.md").write_text("\n".join(lines) + "\n")
 
 
+_KINDS = (
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "efficient")),
+    ("adacc codec", ("_compress", "_decompress", "int8_", "int4_", "bool1")),
+    ("inductor", ("triton_",)),
+)
+
+
+def _kind(kernel: str) -> str:
+    name = kernel.lower()
+    for kind, keys in _KINDS:
+        if any(k in name for k in keys):
+            return kind
+    return "other"
+
+
+def profile_steps(steps: dict, *, top: int = 12) -> str:
+    """Each step's CUDA kernel time, by kind and the ``top`` kernels (one profiled step after one warm step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for name, step in steps.items():
+        try:
+            step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+            us = lambda e: getattr(e, "self_device_time_total", None) or e.self_cuda_time_total  # noqa: E731
+            total = sum(us(e) for e in kernels)
+            by_kind: dict[str, float] = {}
+            for e in kernels:
+                by_kind[_kind(e.key)] = by_kind.get(_kind(e.key), 0.0) + us(e)
+            kinds = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+            lines.append(f"## {name}: {total / 1e3:.2f} ms of kernels in {sum(e.count for e in kernels)} launches ({kinds})")
+            for e in sorted(kernels, key=us, reverse=True)[:top]:
+                lines.append(f"   {us(e) / 1e3:8.3f} ms {e.count:5d}x  {e.key[:110]}")
+        except Exception as exc:  # noqa: BLE001 - a diagnostic; report and go on
+            lines.append(f"## {name}: profiling failed: {type(exc).__name__}: {exc}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # One line per compiled graph: budget, predicted peak, decisions, estimated overhead.
+    logging.getLogger("adacc_compiler").setLevel(logging.INFO)
     t_start = time.perf_counter()
     for site in args.site:
         _add_site(site)
@@ -285,6 +332,8 @@ def main(argv=None) -> int:
                 r["step_ms"] = t["median_s"] * 1e3
                 r["step_ratio"] = t["ratio"]
                 r["tokens_per_s"] = tokens / t["median_s"]
+            if args.profile and device == "cuda":
+                print(profile_steps(steps), flush=True)
         else:
             print("stock Inductor failed: no step ratios", flush=True)
     write_results(out, rows, header, gib=not args.tiny)
