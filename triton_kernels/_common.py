@@ -27,6 +27,7 @@ different streams.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Callable, Sequence
@@ -53,7 +54,12 @@ __all__ = [
     "define_codec",
     "grid_1d",
     "warps_for",
+    "tile_candidates",
+    "launch_tuned",
+    "tuned_configs",
 ]
+
+log = logging.getLogger(__name__)
 
 # The CPU paths pack and unpack bytes through wider integer views.
 assert sys.byteorder == "little", "the codecs' CPU paths assume a little-endian host"
@@ -307,6 +313,77 @@ def grid_1d(n: int, block: int) -> tuple[int]:
 
 
 _TILE_ELEMS = 4096
+
+# --------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------
+
+# On a GPU, tensors of at least this many elements pick their kernels' launch
+# configuration by timing the candidates once per shape class: these kernels
+# move bytes, and how many a thread keeps in flight decides their speed.
+# Smaller tensors (and CPU tensors under the interpreter) take the first
+# candidate, the fixed default.
+TUNE_MIN_ELEMS = 1 << 22
+# Tiles (elements per program) and values per thread tried besides the default.
+_TUNE_TILES = (4096, 8192, 16384)
+_TUNE_PER_THREAD = (16, 32, 64)
+_MAX_WARPS = 16
+
+_tuned: dict[tuple, dict] = {}
+# Tests set this to run every candidate (index clamped to the list).
+FORCE_CANDIDATE: int | None = None
+
+
+def tile_candidates(rows: int, cols: int, *, max_block_c: int = 1024, default: tuple[int, int] | None = None) -> list[dict]:
+    """Launch configurations of a 2-D (BLOCK_T, BLOCK_C) tile kernel; the default first.
+
+    ``default`` is the (BLOCK_T, BLOCK_C) of the first candidate (else
+    :func:`tile_blocks`); the others are 4K-16K element tiles as wide as the
+    rows allow (up to ``max_block_c``), 16 to 64 values a thread.
+    """
+    block_t, block_c = default or tile_blocks(rows, cols, max_block_c)
+    out = [{"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": warps_for(block_t * block_c)}]
+    wide = min(triton.next_power_of_2(cols), max_block_c)
+    for tile in _TUNE_TILES:
+        bc = min(wide, tile)
+        bt = max(1, min(triton.next_power_of_2(rows), tile // bc))
+        for per_thread in _TUNE_PER_THREAD:
+            warps = bt * bc // (32 * per_thread)
+            cand = {"BLOCK_T": bt, "BLOCK_C": bc, "num_warps": warps}
+            if 1 <= warps <= _MAX_WARPS and cand not in out:
+                out.append(cand)
+    return out
+
+
+def launch_tuned(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dict], None], *, numel: int, device: torch.device) -> dict:
+    """Run ``launch(config)`` with the best of ``candidates`` for this kernel and shape class.
+
+    The first time a (kernel, ``key``, size class, device) is seen on a GPU
+    with at least ``TUNE_MIN_ELEMS`` elements, every candidate is timed (each
+    launch must be idempotent: the kernels only write their outputs) and the
+    fastest is remembered for the process. Returns the configuration used.
+    """
+    if FORCE_CANDIDATE is not None:
+        config = candidates[min(FORCE_CANDIDATE, len(candidates) - 1)]
+    elif device.type != "cuda" or numel < TUNE_MIN_ELEMS or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        config = candidates[0]
+    else:
+        full_key = (name, key, numel.bit_length(), device.index if device.index is not None else torch.cuda.current_device())
+        config = _tuned.get(full_key)
+        if config is None:
+            from triton.testing import do_bench
+
+            times = [do_bench(lambda c=c: launch(c), warmup=5, rep=20, return_mode="median") for c in candidates]
+            best = min(range(len(candidates)), key=times.__getitem__)
+            config = _tuned[full_key] = dict(candidates[best])
+            log.debug("%s %s: %s (%.1f us; default %.1f us)", name, key, config, times[best] * 1e3, times[0] * 1e3)
+    launch(config)
+    return config
+
+
+def tuned_configs() -> dict[str, dict]:
+    """What :func:`launch_tuned` chose so far, by ``kernel key size-class device``."""
+    return {" ".join(map(str, k)): v for k, v in _tuned.items()}
 
 
 def tile_blocks(rows: int, cols: int, max_block_c: int = 1024) -> tuple[int, int]:

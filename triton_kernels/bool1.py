@@ -139,6 +139,12 @@ def _decompress_kernel(packed_ptr, out_ptr, N, NB, BLOCK_B: tl.constexpr):
     tl.store(out_ptr + elem, ((byte[:, None] >> bit) & 1).to(tl.uint8), mask=elem < N)
 
 
+def _candidates(nbytes: int) -> list[dict]:
+    """Launch configurations, the default first: (bytes per program, 8 bits) tiles."""
+    default = [{"BLOCK_T": _BLOCK_BYTES, "BLOCK_C": 8, "num_warps": 8}]
+    return default + [c for c in cm.tile_candidates(nbytes, 8, max_block_c=8) if c not in default]
+
+
 def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     """The Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     _check_dtype(x.dtype, "input")
@@ -147,9 +153,13 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     if nbytes:
         # bool storage is one byte per value, 0 or 1: read it as uint8
         flat = x.contiguous().view(torch.uint8)
-        _compress_kernel[cm.grid_1d(nbytes, _BLOCK_BYTES)](
-            flat, packed, x.numel(), nbytes, BLOCK_B=_BLOCK_BYTES, num_warps=8
-        )
+
+        def launch(c: dict) -> None:
+            _compress_kernel[cm.grid_1d(nbytes, c["BLOCK_T"])](
+                flat, packed, x.numel(), nbytes, BLOCK_B=c["BLOCK_T"], num_warps=c["num_warps"]
+            )
+
+        cm.launch_tuned(f"{NAME}.compress", (), _candidates(nbytes), launch, numel=x.numel(), device=x.device)
     return [packed]
 
 
@@ -158,10 +168,14 @@ def triton_decompress(packed: torch.Tensor, shape: Sequence[int], dtype: torch.d
     numel = _check_payloads(packed, shape, dtype)
     out = torch.empty(list(shape), dtype=torch.bool, device=packed.device)
     if numel:
-        nbytes = packed.numel()
-        _decompress_kernel[cm.grid_1d(nbytes, _BLOCK_BYTES)](
-            packed.contiguous(), out.view(torch.uint8), numel, nbytes, BLOCK_B=_BLOCK_BYTES, num_warps=8
-        )
+        nbytes, packed = packed.numel(), packed.contiguous()
+
+        def launch(c: dict) -> None:
+            _decompress_kernel[cm.grid_1d(nbytes, c["BLOCK_T"])](
+                packed, out.view(torch.uint8), numel, nbytes, BLOCK_B=c["BLOCK_T"], num_warps=c["num_warps"]
+            )
+
+        cm.launch_tuned(f"{NAME}.decompress", (), _candidates(nbytes), launch, numel=numel, device=out.device)
     return out
 
 

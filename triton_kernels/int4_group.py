@@ -190,12 +190,20 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
         return packed, scale
     groups = cm.num_groups(channels, GROUP)
     rows = tokens * groups
+    nb = (channels + 1) // 2
+
+    def launch(c: dict) -> None:
+        _compress_kernel[cm.grid_1d(rows, c["BLOCK_T"])](
+            x, packed, scale, rows, groups, channels, nb, seed,
+            BLOCK_R=c["BLOCK_T"], GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False,
+            num_warps=c["num_warps"],
+        )
+
+    # One block row is one group: tiles of (groups, GROUP).
     block_r = max(1, min(triton.next_power_of_2(rows), 4096 // GROUP))
-    _compress_kernel[cm.grid_1d(rows, block_r)](
-        x, packed, scale, rows, groups, channels, (channels + 1) // 2, seed,
-        BLOCK_R=block_r, GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False,
-        num_warps=cm.warps_for(block_r * GROUP),
-    )
+    candidates = cm.tile_candidates(rows, GROUP, max_block_c=GROUP, default=(block_r, GROUP))
+    key = (channels, x.dtype, bool(stochastic))
+    cm.launch_tuned(f"{NAME}.compress", key, candidates, launch, numel=x.numel(), device=x.device)
     return packed, scale
 
 
@@ -205,13 +213,18 @@ def triton_decompress(packed, scale, shape: Sequence[int], dtype: torch.dtype):
     out = torch.empty(list(shape), dtype=dtype, device=packed.device)
     if tokens == 0:
         return out
-    block_t, block_c = cm.tile_blocks(tokens, channels)
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(channels, block_c))
-    _decompress_kernel[grid](
-        packed.contiguous(), scale.contiguous(), out, tokens, channels,
-        cm.num_groups(channels, GROUP), (channels + 1) // 2,
-        BLOCK_T=block_t, BLOCK_C=block_c, GROUP=GROUP, num_warps=cm.warps_for(block_t * block_c),
-    )
+    packed, scale = packed.contiguous(), scale.contiguous()
+    groups, nb = cm.num_groups(channels, GROUP), (channels + 1) // 2
+
+    def launch(c: dict) -> None:
+        grid = (triton.cdiv(tokens, c["BLOCK_T"]), triton.cdiv(channels, c["BLOCK_C"]))
+        _decompress_kernel[grid](
+            packed, scale, out, tokens, channels, groups, nb,
+            BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], GROUP=GROUP, num_warps=c["num_warps"],
+        )
+
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096, default=cm.tile_blocks(tokens, channels))
+    cm.launch_tuned(f"{NAME}.decompress", (channels, dtype), candidates, launch, numel=out.numel(), device=out.device)
     return out
 
 

@@ -181,14 +181,15 @@ def _channel_absmax_kernel(x_ptr, part_ptr, T, C, rows_per_split, BLOCK_T: tl.co
     split = tl.program_id(1)
     t_start = split * rows_per_split
     t_end = tl.minimum(t_start + rows_per_split, T)
-    acc = tl.zeros([BLOCK_C], tl.float32)
+    # Element-wise maxima in registers; one reduction across the tile's rows at
+    # the end rather than one per step (each is a round trip through shared memory).
+    acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     for t0 in range(t_start, t_end, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         mask = (rows < t_end)[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mag = tl.where(cm.nonfinite(x), cm.INF, tl.abs(x))
-        acc = tl.maximum(acc, tl.max(mag, axis=0))
-    tl.store(part_ptr + split * C + cols, acc, mask=cols < C)
+        acc = tl.maximum(acc, tl.where(cm.nonfinite(x), cm.INF, tl.abs(x)))
+    tl.store(part_ptr + split * C + cols, tl.max(acc, axis=0), mask=cols < C)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -236,21 +237,29 @@ def _decompress_kernel(
 
 def _channel_absmax(x2: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     tokens, channels = x2.shape
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
+    result: list[torch.Tensor] = []
+
+    def launch(c: dict) -> None:
+        block_t, block_c = c["BLOCK_T"], c["BLOCK_C"]
+        col_blocks = triton.cdiv(channels, block_c)
+        n = splits
+        if n is None and x2.is_cuda:
+            # enough programs to fill the device: about four per SM
+            n = max(1, min(triton.cdiv(tokens, block_t), triton.cdiv(4 * sms, col_blocks)))
+        n = min(n or 1, tokens)
+        rows_per_split = triton.cdiv(tokens, n)
+        part = torch.empty(n, channels, dtype=torch.float32, device=x2.device)
+        _channel_absmax_kernel[(col_blocks, n)](
+            x2, part, tokens, channels, rows_per_split, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=c["num_warps"]
+        )
+        result[:] = [part]
+
     block_c = min(triton.next_power_of_2(channels), 256)
-    block_t = max(1, 4096 // block_c)
-    col_blocks = triton.cdiv(channels, block_c)
-    if splits is None and x2.is_cuda:
-        # enough programs to fill the device: about four per SM
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(tokens, block_t), triton.cdiv(4 * sms, col_blocks)))
-    splits = min(splits or 1, tokens)
-    rows_per_split = triton.cdiv(tokens, splits)
-    part = torch.empty(splits, channels, dtype=torch.float32, device=x2.device)
-    _channel_absmax_kernel[(col_blocks, splits)](
-        x2, part, tokens, channels, rows_per_split, BLOCK_T=block_t, BLOCK_C=block_c,
-        num_warps=cm.warps_for(block_t * block_c),
-    )
-    return part.amax(dim=0)
+    default = (max(1, 4096 // block_c), block_c)
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=512, default=default)
+    cm.launch_tuned(f"{NAME}.absmax", (channels, x2.dtype, splits), candidates, launch, numel=x2.numel(), device=x2.device)
+    return result[0].amax(dim=0)
 
 
 def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *, absmax_splits: int | None = None):
@@ -272,12 +281,20 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
     idx = select_outliers(_channel_absmax(x2, absmax_splits), k)
     groups = cm.num_groups(channels, GROUP)
     rows = tokens * groups
+    slot = _slot_map(idx, channels)
+
+    def launch(c: dict) -> None:
+        _compress_kernel[cm.grid_1d(rows, c["BLOCK_T"])](
+            x2, slot, q, scale, val, rows, groups, channels, k, seed,
+            BLOCK_R=c["BLOCK_T"], GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False,
+            num_warps=c["num_warps"],
+        )
+
+    # One block row is one group: tiles of (groups, GROUP).
     block_r = max(1, min(triton.next_power_of_2(rows), 4096 // GROUP))
-    _compress_kernel[cm.grid_1d(rows, block_r)](
-        x2, _slot_map(idx, channels), q, scale, val, rows, groups, channels, k, seed,
-        BLOCK_R=block_r, GROUP=GROUP, QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False,
-        num_warps=cm.warps_for(block_r * GROUP),
-    )
+    candidates = cm.tile_candidates(rows, GROUP, max_block_c=GROUP, default=(block_r, GROUP))
+    key = (channels, x.dtype, bool(stochastic))
+    cm.launch_tuned(f"{NAME}.compress", key, candidates, launch, numel=x.numel(), device=x.device)
     return q, scale, idx, val
 
 
@@ -287,13 +304,18 @@ def triton_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.dty
     out = torch.empty(list(shape), dtype=dtype, device=q.device)
     if tokens == 0:
         return out
-    block_t, block_c = cm.tile_blocks(tokens, channels)
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(channels, block_c))
-    _decompress_kernel[grid](
-        q.contiguous(), scale.contiguous(), _slot_map(idx, channels), val.contiguous(), out,
-        tokens, channels, cm.num_groups(channels, GROUP), idx.numel(),
-        BLOCK_T=block_t, BLOCK_C=block_c, GROUP=GROUP, num_warps=cm.warps_for(block_t * block_c),
-    )
+    q, scale, val = q.contiguous(), scale.contiguous(), val.contiguous()
+    slot, groups = _slot_map(idx, channels), cm.num_groups(channels, GROUP)
+
+    def launch(c: dict) -> None:
+        grid = (triton.cdiv(tokens, c["BLOCK_T"]), triton.cdiv(channels, c["BLOCK_C"]))
+        _decompress_kernel[grid](
+            q, scale, slot, val, out, tokens, channels, groups, idx.numel(),
+            BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], GROUP=GROUP, num_warps=c["num_warps"],
+        )
+
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096, default=cm.tile_blocks(tokens, channels))
+    cm.launch_tuned(f"{NAME}.decompress", (channels, dtype), candidates, launch, numel=out.numel(), device=out.device)
     return out
 
 

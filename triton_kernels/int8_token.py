@@ -161,12 +161,16 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
     scale = torch.empty(_scale_shape(x.shape), dtype=torch.float32, device=x.device)
     if tokens == 0:
         return q, scale
-    block_t, block_c = cm.tile_blocks(tokens, channels, max_block_c)
-    _compress_kernel[cm.grid_1d(tokens, block_t)](
-        x, q, scale, tokens, channels, seed,
-        BLOCK_T=block_t, BLOCK_C=block_c, SINGLE=channels <= block_c,
-        QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False, num_warps=cm.warps_for(block_t * block_c),
-    )
+    def launch(c: dict) -> None:
+        _compress_kernel[cm.grid_1d(tokens, c["BLOCK_T"])](
+            x, q, scale, tokens, channels, seed,
+            BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], SINGLE=channels <= c["BLOCK_C"],
+            QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False, num_warps=c["num_warps"],
+        )
+
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=max_block_c)
+    key = (channels, x.dtype, bool(stochastic))
+    cm.launch_tuned(f"{NAME}.compress", key, candidates, launch, numel=x.numel(), device=x.device)
     return q, scale
 
 
@@ -176,12 +180,16 @@ def triton_decompress(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int]
     out = torch.empty(list(shape), dtype=dtype, device=q.device)
     if tokens == 0:
         return out
-    block_t, block_c = cm.tile_blocks(tokens, channels, 1024)
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(channels, block_c))
-    _decompress_kernel[grid](
-        q.contiguous(), scale.contiguous(), out, tokens, channels,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=cm.warps_for(block_t * block_c),
-    )
+    q, scale = q.contiguous(), scale.contiguous()
+
+    def launch(c: dict) -> None:
+        grid = (triton.cdiv(tokens, c["BLOCK_T"]), triton.cdiv(channels, c["BLOCK_C"]))
+        _decompress_kernel[grid](
+            q, scale, out, tokens, channels, BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], num_warps=c["num_warps"]
+        )
+
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096, default=cm.tile_blocks(tokens, channels, 1024))
+    cm.launch_tuned(f"{NAME}.decompress", (channels, dtype), candidates, launch, numel=out.numel(), device=out.device)
     return out
 
 

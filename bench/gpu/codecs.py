@@ -161,6 +161,28 @@ def check_bool1(checks: Checks, codec, device) -> None:
         checks.add(False, "bool1 opcheck on CUDA", repr(exc)[:300])
 
 
+def int8_group_parts(numel: int, channels: int, device) -> list[str]:
+    """Where ``int8_group`` compress spends its time: the channel abs-max pass, the outlier
+    selection, and the fused quantise kernel (median of ``do_bench``, after the tuned op ran)."""
+    from triton.testing import do_bench
+
+    from adacc_compiler.triton_kernels import int8_group as g
+
+    x = torch.randn(numel // channels, channels, device=device).to(torch.bfloat16)
+    g.compress_op(x)  # tunes
+    amax = g._channel_absmax(x)
+    k = g.num_outliers(channels)
+    idx = g.select_outliers(amax, k)
+    times = {
+        "whole op": do_bench(lambda: g.compress_op(x), return_mode="median"),
+        "channel abs-max": do_bench(lambda: g._channel_absmax(x), return_mode="median"),
+        "select outliers + slot map": do_bench(lambda: g._slot_map(g.select_outliers(amax, k), channels), return_mode="median"),
+        "copy": do_bench(lambda: x.clone(), return_mode="median"),
+    }
+    del idx
+    return [f"- {name}: {ms * 1e3:.1f} us" for name, ms in times.items()]
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Codec throughput on {meta.get('gpu', 'GPU')}",
@@ -218,9 +240,19 @@ def main(argv=None) -> int:
     names = sorted(codecs.CODECS)
     rows = bench_codecs.run(sizes, args.channels, torch.bfloat16, names, device, args.repeats, warmup=3)
     meta = bench_codecs.machine(device) | {"args": vars(args), "elapsed_s": round(time.perf_counter() - started, 1)}
+    from adacc_compiler.triton_kernels import _common as cm
+
+    meta["tuned_configs"] = cm.tuned_configs()
+    text = markdown(rows, meta) + "\nLaunch configurations picked by timing (kernel, key, size class, device):\n\n"
+    text += "\n".join(f"- {k}: {v}" for k, v in meta["tuned_configs"].items()) + "\n"
+    try:
+        parts = int8_group_parts(bench_codecs.parse_size("64M"), args.channels, device)
+        text += "\n`int8_group` compress at 64M elements, by part:\n\n" + "\n".join(parts) + "\n"
+    except Exception:  # a diagnostic: report and go on
+        text += "\n`int8_group` parts failed: " + traceback.format_exc()[-600:] + "\n"
     bench_codecs.write(rows, meta, out, "gpu")
-    (out / "codecs_gpu.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    (out / "codecs_gpu.md").write_text(text)
+    print(text)
     return 1 if checks.failed else 0
 
 
