@@ -27,7 +27,6 @@ import triton.language as tl
 from adacc_compiler.triton_kernels import _common as cm
 
 NAME = "bool1"
-_BLOCK_BYTES = 1024
 
 __all__ = [*cm.CODEC_MODULE_API]
 
@@ -141,8 +140,7 @@ def _decompress_kernel(packed_ptr, out_ptr, N, NB, BLOCK_B: tl.constexpr):
 
 def _candidates(nbytes: int) -> list[dict]:
     """Launch configurations, the default first: (bytes per program, 8 bits) tiles."""
-    default = [{"BLOCK_T": _BLOCK_BYTES, "BLOCK_C": 8, "num_warps": 8}]
-    return default + [c for c in cm.tile_candidates(nbytes, 8, max_block_c=8) if c not in default]
+    return cm.tile_candidates(nbytes, 8, max_block_c=8)
 
 
 def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):

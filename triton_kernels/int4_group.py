@@ -200,8 +200,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
         )
 
     # One block row is one group: tiles of (groups, GROUP).
-    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // GROUP))
-    candidates = cm.tile_candidates(rows, GROUP, max_block_c=GROUP, default=(block_r, GROUP))
+    candidates = cm.tile_candidates(rows, GROUP, max_block_c=GROUP)
     key = (channels, x.dtype, bool(stochastic))
     cm.launch_tuned(f"{NAME}.compress", key, candidates, launch, numel=x.numel(), device=x.device)
     return packed, scale
@@ -223,7 +222,7 @@ def triton_decompress(packed, scale, shape: Sequence[int], dtype: torch.dtype):
             BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], GROUP=GROUP, num_warps=c["num_warps"],
         )
 
-    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096, default=cm.tile_blocks(tokens, channels))
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096)
     cm.launch_tuned(f"{NAME}.decompress", (channels, dtype), candidates, launch, numel=out.numel(), device=out.device)
     return out
 

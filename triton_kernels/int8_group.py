@@ -255,9 +255,7 @@ def _channel_absmax(x2: torch.Tensor, splits: int | None = None) -> torch.Tensor
         )
         result[:] = [part]
 
-    block_c = min(triton.next_power_of_2(channels), 256)
-    default = (max(1, 4096 // block_c), block_c)
-    candidates = cm.tile_candidates(tokens, channels, max_block_c=512, default=default)
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=512)
     cm.launch_tuned(f"{NAME}.absmax", (channels, x2.dtype, splits), candidates, launch, numel=x2.numel(), device=x2.device)
     return result[0].amax(dim=0)
 
@@ -291,8 +289,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
         )
 
     # One block row is one group: tiles of (groups, GROUP).
-    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // GROUP))
-    candidates = cm.tile_candidates(rows, GROUP, max_block_c=GROUP, default=(block_r, GROUP))
+    candidates = cm.tile_candidates(rows, GROUP, max_block_c=GROUP)
     key = (channels, x.dtype, bool(stochastic))
     cm.launch_tuned(f"{NAME}.compress", key, candidates, launch, numel=x.numel(), device=x.device)
     return q, scale, idx, val
@@ -314,7 +311,7 @@ def triton_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.dty
             BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], GROUP=GROUP, num_warps=c["num_warps"],
         )
 
-    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096, default=cm.tile_blocks(tokens, channels))
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096, per_thread=(16, 32, 64))
     cm.launch_tuned(f"{NAME}.decompress", (channels, dtype), candidates, launch, numel=out.numel(), device=out.device)
     return out
 

@@ -168,7 +168,7 @@ def triton_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0, *,
             QMAX=QMAX, STOCHASTIC=bool(stochastic), enable_fp_fusion=False, num_warps=c["num_warps"],
         )
 
-    candidates = cm.tile_candidates(tokens, channels, max_block_c=max_block_c)
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=max_block_c, per_thread=(64, 32, 16))
     key = (channels, x.dtype, bool(stochastic))
     cm.launch_tuned(f"{NAME}.compress", key, candidates, launch, numel=x.numel(), device=x.device)
     return q, scale
@@ -188,7 +188,7 @@ def triton_decompress(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int]
             q, scale, out, tokens, channels, BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], num_warps=c["num_warps"]
         )
 
-    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096, default=cm.tile_blocks(tokens, channels, 1024))
+    candidates = cm.tile_candidates(tokens, channels, max_block_c=4096)
     cm.launch_tuned(f"{NAME}.decompress", (channels, dtype), candidates, launch, numel=out.numel(), device=out.device)
     return out
 
