@@ -398,6 +398,23 @@ def roofline_seconds(node: torch.fx.Node, *, device_kind: str) -> float:
     return flops / spec.peak_flops(_compute_dtype(node)) + node_bytes(node) / spec.bandwidth + spec.overhead_s
 
 
+# Share of a fused op's measured time charged however little traffic the
+# roofline leaves it: the bandwidth constants are rough.
+_FUSED_FLOOR = 0.1
+
+
+def fused_recompute_seconds(node: torch.fx.Node, measured_s: float, *, device_kind: str) -> float:
+    """What recomputing ``node`` costs when Inductor computes it inside its readers' kernels.
+
+    Timed alone, a pointwise op reads its inputs and writes its output in a
+    kernel of its own; fused, its output is never written nor read back. Its
+    traffic (:func:`node_bytes` at the device's bandwidth) comes off the
+    measured time, down to ``_FUSED_FLOOR`` of it.
+    """
+    spec = DEVICE_SPECS.get(device_kind, DEVICE_SPECS["cuda"])
+    return max(measured_s - node_bytes(node) / spec.bandwidth, _FUSED_FLOOR * measured_s)
+
+
 # --------------------------------------------------------------------------- #
 # Measurement
 # --------------------------------------------------------------------------- #
@@ -909,6 +926,10 @@ class CostModel:
         self._table[key] = seconds
         self._save()
         return seconds
+
+    def device_kind(self, node: torch.fx.Node) -> str:
+        """The kind of device ``node`` is measured on ("cpu", "cuda", ...)."""
+        return self._measure_device(node).type
 
     def node_cost(self, node: torch.fx.Node) -> float:
         """Seconds to compute ``node`` once."""

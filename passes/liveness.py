@@ -11,6 +11,10 @@ Two views of the same quantity:
 * :func:`model_intervals` is the linear model the MILP uses: for each candidate
   value, the backward interval it occupies if retained or if recomputed.
 
+Both count a recomputed pointwise value that Inductor fuses into its readers
+(:func:`fuses_into_users`) as holding no memory: Inductor computes it inside
+the kernels that read it.
+
 The dependency structure is held in a networkx DiGraph (:func:`dependency_graph`),
 which the rewrite also uses to check that a plan is closed (every recomputed
 value's inputs are available).
@@ -30,7 +34,15 @@ from adacc_compiler.passes import _torch as tp
 from adacc_compiler.passes.classify import JointGraphInfo, storage_key, tensor_nbytes
 from adacc_compiler.plan import MemoryTimeline
 
-__all__ = ["simulate_partition", "simulate", "model_intervals", "Intervals", "dependency_graph", "saved_names"]
+__all__ = [
+    "simulate_partition",
+    "simulate",
+    "model_intervals",
+    "Intervals",
+    "dependency_graph",
+    "saved_names",
+    "fuses_into_users",
+]
 
 
 def _storage_nbytes(node: fx.Node) -> int:
@@ -131,14 +143,23 @@ def simulate_partition(
     pos = {n: i for i, n in enumerate(bw_nodes)}
     intervals: dict[object, list[int]] = {}
     bw_size: dict[object, int] = {}
-    for n in bw_nodes:
-        is_saved = n.op == "placeholder" and n.name in saved
+
+    def recomputed(n: fx.Node) -> bool:
         # A decoded value, and a value rebuilt from one, is held like a
         # recomputed one: from its decode (rebuild) on.
-        is_recomputed = n.op == "call_function" and (
+        return n.op == "call_function" and (
             n.name in forward_names or "adacc_decompress" in n.meta or "adacc_recompute_of" in n.meta
         )
+
+    # Storages Inductor never allocates: recomputed values fused into their
+    # readers (and the views of them, whose readers are fusible too).
+    fused = {storage_key(n) for n in bw_nodes if recomputed(n) and fuses_into_users(n)}
+    for n in bw_nodes:
+        is_saved = n.op == "placeholder" and n.name in saved
+        is_recomputed = recomputed(n)
         if not (is_saved or is_recomputed) or not isinstance(n.meta.get("val"), torch.Tensor):
+            continue
+        if is_recomputed and storage_key(n) in fused:
             continue
         if storage_key(n) in param_keys:
             continue
@@ -194,6 +215,41 @@ def dependency_graph(info: JointGraphInfo) -> nx.DiGraph:
 _CHAIN_STEP = 1e-4
 
 
+def _fusible_reader(node: fx.Node) -> bool:
+    """An op Inductor generates as a loop that can compute its inputs inline.
+
+    Pointwise ops and reductions; a view counts when everything that reads it
+    does (an extern kernel reading a view needs the base stored).
+    """
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.pointwise in target.tags or torch.Tag.reduction in target.tags:
+        return True
+    return is_alias(node) and bool(node.users) and all(_fusible_reader(u) for u in node.users)
+
+
+def fuses_into_users(node: fx.Node) -> bool:
+    """True for a pointwise value Inductor computes inside its readers' kernels and never stores.
+
+    A recomputed value like this holds no memory of its own: a float32
+    cross-entropy chain recomputed over a large vocabulary is one fused kernel
+    reading the saved logits, not a run of full-size buffers. Inductor stores
+    a pointwise value read by more than ``realize_reads_threshold`` ops, so
+    such values, and those read by anything but pointwise ops and reductions
+    (matmuls, attention, custom ops, the graph's output), count as stored.
+    """
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.pointwise not in target.tags:
+        return False
+    from torch._inductor import config as inductor_config
+
+    users = list(node.users)
+    return 0 < len(users) <= inductor_config.realize_reads_threshold and all(_fusible_reader(u) for u in users)
+
+
 def is_alias(node: fx.Node) -> bool:
     """True for ops whose output shares its input's storage (views)."""
     target = node.target
@@ -212,8 +268,9 @@ class Intervals:
     saved value lives from -1 (the end of the forward) to ``last_saved[c]``; a
     recomputed one from ``need[c]`` to ``last_recomputed[c]``. ``bytes_saved``
     and ``bytes_recomputed`` are what each choice occupies: a recomputed view
-    allocates nothing (its base is accounted for, and kept alive long enough);
-    a saved view holds its base's storage.
+    allocates nothing (its base is accounted for, and kept alive long enough),
+    nor does a recomputed value Inductor fuses into its readers; a saved view
+    holds its base's storage.
     """
 
     need: dict[fx.Node, float]
@@ -319,6 +376,8 @@ def model_intervals(
         if size and is_alias(c):
             b_s[c] = saved_storage(c)[1]
             b_r[c] = 0
+        elif size and fuses_into_users(c):
+            b_s[c], b_r[c] = size, 0
         else:
             b_s[c] = b_r[c] = size
     return Intervals(

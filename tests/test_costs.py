@@ -441,3 +441,16 @@ def test_codec_costs_time_the_path_the_rewrite_emits(tmp_path):
     assert roof.codec_cost("int8_token", shape, torch.float32, cpu, fused=True) == roof.codec_cost(
         "int8_token", shape, torch.float32, cpu
     )
+
+
+def test_fused_recompute_drops_the_ops_own_traffic():
+    # 4M float32 elements: exp reads and writes 32 MiB, 1.68 ms at the CPU constant.
+    gm = trace(torch.exp, torch.randn(1024, 4096))
+    (node,) = ops(gm, torch.ops.aten.exp.default)
+    traffic = costs.node_bytes(node) / costs.DEVICE_SPECS["cpu"].bandwidth
+    assert traffic == pytest.approx(2 * 4 * 1024 * 4096 / 2e10)
+    # Mostly traffic: what is left over is charged.
+    assert costs.fused_recompute_seconds(node, traffic + 1e-3, device_kind="cpu") == pytest.approx(1e-3)
+    # All traffic (or less than the rough constants predict): a tenth of the measurement.
+    assert costs.fused_recompute_seconds(node, traffic, device_kind="cpu") == pytest.approx(0.1 * traffic)
+    assert costs.fused_recompute_seconds(node, 1e-6, device_kind="cuda") == pytest.approx(1e-7)

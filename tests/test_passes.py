@@ -258,3 +258,45 @@ def test_unclosed_plan_is_rejected(mlp_graph):
     gelu_input = next(n for n in info.boundary if n.name == "mm")
     with pytest.raises(PlanMismatchError, match="unavailable"):
         check_closed(info, save=res.save - {gelu_input}, recompute={gelu_input}, keep_primals=set())
+
+
+def _loss_head(x, w):
+    # A float32 cross-entropy-like chain over a wide output, as in a language
+    # model's loss: Inductor fuses the pointwise steps into a few kernels.
+    logits = (x @ w).float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return (shifted - shifted.exp().sum(dim=-1, keepdim=True).log()).mean()
+
+
+def test_fused_pointwise_values_hold_no_memory_when_recomputed():
+    from adacc_compiler.passes.liveness import fuses_into_users
+
+    torch.manual_seed(0)
+    graph = trace_joint(_loss_head, torch.randn(8, 16), torch.randn(16, 512, requires_grad=True), static=(1,))
+    info = _info(graph)
+    by_target = {}
+    for n in info.fw_nodes:
+        by_target.setdefault(str(n.target), []).append(n)
+    (mm,) = by_target["aten.mm.default"]
+    (exp,) = by_target["aten.exp.default"]
+    assert fuses_into_users(exp)  # read only by a sum: computed inside it
+    assert not fuses_into_users(mm)  # a matmul's output is always stored
+    # A pointwise value read by a matmul must be stored.
+    lin = trace_joint(lambda x, w: (torch.relu(x) @ w).sum(), torch.randn(4, 8), torch.randn(8, 3, requires_grad=True), static=(1,))
+    relu = [n for n in _info(lin).fw_nodes if n.target is torch.ops.aten.relu.default]
+    assert relu and not fuses_into_users(relu[0])
+
+    # Recomputing the whole chain from the matmul's output: the exact
+    # simulation and the MILP's intervals charge the recomputed pointwise
+    # values nothing, so only the stored matmul output and the small
+    # reductions are live in the backward.
+    recompute = {c for c in info.candidates if c not in info.not_recomputable and c is not mm}
+    inputs = {p for p in info.primals if p not in info.param_primals}
+    fw, bw = partition_with_plan(info, save={mm}, recompute=recompute, keep_primals=inputs)
+    tl = simulate(info, fw, bw)
+    fused_bytes = sum(info.nbytes[c] for c in recompute if fuses_into_users(c))
+    assert fused_bytes > 2 * info.nbytes[mm]
+    stored = info.nbytes[mm] + sum(info.nbytes[c] for c in recompute if not fuses_into_users(c))
+    assert tl.peak <= stored
+    iv = model_intervals(info, recompute)
+    assert all(iv.bytes_recomputed[c] == 0 for c in recompute if fuses_into_users(c))
