@@ -258,7 +258,7 @@ def plan_and_partition(
     from adacc_compiler.passes.classify import analyze_joint_graph
     from adacc_compiler.passes.compress import codec_menus, measure_menus
     from adacc_compiler.costs import fused_recompute_seconds
-    from adacc_compiler.passes.liveness import fuses_into_users, simulate
+    from adacc_compiler.passes.liveness import fuses_into_users, partition_choices, simulate
     from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
     from adacc_compiler import smallest as smallest_plans
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
@@ -280,6 +280,7 @@ def plan_and_partition(
         gm, joint_inputs, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices
     )
     stock_tl = simulate(info, fw_stock, bw_stock)
+    stock_choices = partition_choices(info, bw_stock)
     stock_saved = stock_tl.saved_bytes
     # A fractional budget is relative to stock Inductor's own peak of live
     # activation memory (what it saves plus what its backward recomputes): the
@@ -331,6 +332,7 @@ def plan_and_partition(
                 mip_gap=config.solver_mip_gap,
                 share_layers=config.share_layers,
                 codec_options=codec_options,
+                seed=stock_choices,
             )
         except InfeasibleBudgetError as err:
             # The error carries the smallest-peak plan, and an earlier compile

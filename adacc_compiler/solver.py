@@ -452,23 +452,87 @@ def _needed(info: JointGraphInfo, recompute: set[fx.Node]) -> set[fx.Node]:
     return needed
 
 
-def _greedy(model: _Model, budget: float) -> np.ndarray | None:
-    """Start from saving every boundary value; recompute the best bytes-per-second first."""
-    info = model.info
+def _seeded(model: _Model, seed: tuple[set[str], set[str]]) -> np.ndarray | None:
+    """The columns of a known plan (names of the values it saves and recomputes), if the model admits it."""
+    saved, recomputed = seed
     x = np.zeros(model.num_cols)
-    boundary = set(info.boundary)
-    for c in model.relevant:
-        if c in boundary:
-            if c in model.save_col:
-                x[model.save_col[c]] = 1
-            else:
-                x[model.rec_col[c]] = 1
-    for p, k in model.keep_col.items():
-        if p in boundary:
+    for c, k in model.save_col.items():
+        if c.name in saved:
             x[k] = 1
-    # Close recomputed multi-output values (their inputs must be available).
-    if not _close(model, x):
-        return None
+    for c, k in model.rec_col.items():
+        if c.name in recomputed and not (c in model.save_col and c.name in saved):
+            x[k] = 1
+    for p, k in model.keep_col.items():
+        if p.name in saved:
+            x[k] = 1
+    return x if _close(model, x) and model.logical_ok(x) else None
+
+
+def _checkpoint_layers(model: _Model, x: np.ndarray, budget: float) -> np.ndarray:
+    """Recompute whole repeated layers, one at a time, until the model's peak fits.
+
+    Activation checkpointing in the MILP's columns: everything inside a layer
+    that only the same layer reads is recomputed; what the next layer reads
+    (the residual stream) stays as it was. A layer is kept only if it lowers
+    (peak, total) of the memory profile.
+    """
+    info = model.info
+    profile = model.memory_profile(x)
+    peak, area = profile.max(initial=0.0), float(profile.sum())
+    members: dict[int, list[fx.Node]] = {}
+    for c, (layer, _) in info.layer_of.items():
+        if c in model.rec_col and all(info.layer_of.get(u, (None,))[0] == layer for u in c.users if u in model.rec_col or u in model.save_col):
+            members.setdefault(layer, []).append(c)
+    for layer in sorted(members):
+        if peak <= budget:
+            break
+        trial = x.copy()
+        for c in members[layer]:
+            if c in model.save_col:
+                trial[model.save_col[c]] = 0
+            trial[model.rec_col[c]] = 1
+        if not _close(model, trial):
+            continue
+        profile = model.memory_profile(trial)
+        new_peak, new_area = profile.max(initial=0.0), float(profile.sum())
+        if (new_peak < peak or (new_peak == peak and new_area < area)) and model.logical_ok(trial):
+            x, peak, area = trial, new_peak, new_area
+    return x
+
+
+def _greedy(model: _Model, budget: float, seed: tuple[set[str], set[str]] | None = None) -> np.ndarray | None:
+    """A plan under ``budget`` if a simple search finds one.
+
+    Starts from ``seed`` (stock Inductor's partition) when the model admits
+    it, else from saving every boundary value; then checkpoints whole layers,
+    then recomputes single values, the most bytes per second first.
+    """
+    info = model.info
+    boundary = set(info.boundary)
+    x = _seeded(model, seed) if seed is not None else None
+    if x is None:
+        x = np.zeros(model.num_cols)
+        for c in model.relevant:
+            if c in boundary:
+                if c in model.save_col:
+                    x[model.save_col[c]] = 1
+                else:
+                    x[model.rec_col[c]] = 1
+        for p, k in model.keep_col.items():
+            if p in boundary:
+                x[k] = 1
+        # Close recomputed multi-output values (their inputs must be available).
+        if not _close(model, x):
+            return None
+    x = _checkpoint_layers(model, x, budget)
+    x = _single_moves(model, x, budget)
+    return x if model.logical_ok(x) else None
+
+
+def _single_moves(model: _Model, x: np.ndarray, budget: float) -> np.ndarray:
+    """Recompute saved boundary values one at a time, the most bytes per second first, while it lowers the peak."""
+    info = model.info
+    boundary = set(info.boundary)
     by_col: dict[int, list[fx.Node]] = {}
     for c, s in model.save_col.items():
         if c in model.rec_col and c in boundary:
@@ -479,19 +543,26 @@ def _greedy(model: _Model, budget: float) -> np.ndarray | None:
         cost = model.col_cost[model.rec_col[nodes[0]]]
         options.append((freed / (cost + 1e-9), s, nodes))
     options.sort(key=lambda o: -o[0])
-    peak = model.memory_profile(x).max(initial=0.0)
+    profile = model.memory_profile(x)
+    peak, area = profile.max(initial=0.0), float(profile.sum())
     for _, s, nodes in options:
         if peak <= budget:
             break
+        if x[s] < 0.5:
+            continue
         trial = x.copy()
         trial[s] = 0
         trial[model.rec_col[nodes[0]]] = 1
         if not _close(model, trial):
             continue
-        new_peak = model.memory_profile(trial).max(initial=0.0)
-        if new_peak < peak:
-            x, peak = trial, new_peak
-    return x if model.logical_ok(x) else None
+        profile = model.memory_profile(trial)
+        new_peak, new_area = profile.max(initial=0.0), float(profile.sum())
+        # A peak held at several points drops only once each is relieved, so
+        # a move that keeps the peak but frees memory elsewhere is kept too
+        # ((peak, area) only decreases: no cycling).
+        if new_peak < peak or (new_peak == peak and new_area < area):
+            x, peak, area = trial, new_peak, new_area
+    return x
 
 
 def _close(model: _Model, x: np.ndarray) -> bool:
@@ -677,11 +748,14 @@ def solve_plan(
     share_layers: bool,
     max_rounds: int = 8,
     codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
+    seed: tuple[set[str], set[str]] | None = None,
 ) -> SolveResult:
     """Choose retain / recompute / compress / drop for every candidate under ``budget_bytes``.
 
     ``codec_options`` lists, per value the backward reads, the codecs it may
-    take (with their payload bytes and encode + decode time).
+    take (with their payload bytes and encode + decode time). ``seed`` names
+    the values a known plan saves and recomputes (stock Inductor's partition):
+    the greedy warm start begins there.
 
     The MILP's intervals charge recompute chains one link at a time, so a plan
     is then judged on the intervals it implies itself; if that peak overflows,
@@ -701,7 +775,9 @@ def solve_plan(
     last_bans = 0
     for _ in range(max_rounds):
         try:
-            res = _solve_once(info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options)
+            res = _solve_once(
+                info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options, seed=seed
+            )
         except _NoPlanInTime as stop:
             # The smallest-peak plan below is the answer (or the infeasibility
             # error): a plan that fits is not dropped for want of time.
@@ -774,7 +850,7 @@ def solve_plan(
     for _ in range(0 if timed_out else 3):
         try:
             res = _solve_once(
-                info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options, exact_heads=True
+                info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options, exact_heads=True, seed=seed
             )
         except (_NoPlanInTime, _ModelInfeasible) as stop:
             log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)
@@ -876,6 +952,7 @@ def _solve_once(
     codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
     *,
     exact_heads: bool = False,
+    seed: tuple[set[str], set[str]] | None = None,
 ) -> SolveResult:
     import highspy
 
@@ -884,7 +961,7 @@ def _solve_once(
         info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options, exact_heads=exact_heads
     )
     budget = float(budget_bytes)
-    greedy = _greedy(model, budget)
+    greedy = _greedy(model, budget, seed)
     greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
     h, ncols, nrows, nnz = _build_highs(model, budget, minimise_peak=False)
     h.setOptionValue("time_limit", float(time_limit))
@@ -908,7 +985,8 @@ def _solve_once(
             # Shared layer decisions can rule out a plan that exists per node.
             log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
             return _solve_once(
-                info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options, exact_heads=exact_heads
+                info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options,
+                exact_heads=exact_heads, seed=seed,
             )
         if status != highspy.HighsModelStatus.kInfeasible:
             raise _NoPlanInTime(status_name)

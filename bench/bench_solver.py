@@ -41,7 +41,7 @@ def main() -> int:
     from adacc_compiler.backend import stock_partition
     from adacc_compiler.costs import CostModel
     from adacc_compiler.passes.classify import analyze_joint_graph
-    from adacc_compiler.passes.liveness import simulate
+    from adacc_compiler.passes.liveness import partition_choices, simulate
     from adacc_compiler.passes.recompute import partition_with_plan
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
 
@@ -61,13 +61,13 @@ def main() -> int:
     print(f"llama {args.layers} layers: {len(gm.graph.nodes)} joint nodes, {len(info.fw_nodes)} forward, "
           f"{len(info.bw_nodes)} backward, {len(info.candidates)} candidates, {info.num_layers} repeated layers "
           f"of {info.layer_period} nodes; stock peak {stock.peak / 2**20:.2f} MiB (capture {capture_s:.0f} s)")
-    header = f"{'budget':>6} {'status':>18} {'cols':>6} {'rows':>6} {'nnz':>7} {'shared':>6} {'gap':>7} {'solve s':>8} {'plan peak':>10} {'sim peak':>9}"
+    header = f"{'budget':>6} {'status':>18} {'cols':>6} {'rows':>6} {'nnz':>7} {'shared':>6} {'gap':>7} {'solve s':>8} {'plan peak':>10} {'sim peak':>9} {'warm':>5}"
     print(header)
     for fraction in args.budgets:
         budget = int(fraction * stock.peak)
         try:
             res = solve_plan(info, costs, budget_bytes=budget, time_limit=args.time_limit, mip_gap=args.gap,
-                             share_layers=True)
+                             share_layers=True, seed=partition_choices(info, bw))
         except InfeasibleBudgetError as err:
             print(f"{fraction:6.2f} infeasible: {err}")
             rows.append({"budget": fraction, "status": "infeasible", "error": str(err)})
@@ -79,11 +79,12 @@ def main() -> int:
             "rows": res.num_rows, "nonzeros": res.num_nonzeros, "shared_layers": res.shared_layers,
             "gap": res.gap, "solve_s": res.time_s, "objective_s": res.objective_s,
             "plan_peak": res.predicted_peak, "simulated_peak": sim.peak, "fallback": res.fallback,
+            "warm_start": res.warm_start,
         }
         rows.append(row)
         print(f"{fraction:6.2f} {res.status:>18} {res.num_columns:6d} {res.num_rows:6d} {res.num_nonzeros:7d} "
               f"{res.shared_layers:6d} {100 * res.gap:6.2f}% {res.time_s:8.2f} {res.predicted_peak / 2**20:9.2f}M "
-              f"{sim.peak / 2**20:8.2f}M")
+              f"{sim.peak / 2**20:8.2f}M {'yes' if res.warm_start else 'no':>5}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"solver_llama{args.layers}.json")

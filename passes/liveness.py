@@ -42,6 +42,7 @@ __all__ = [
     "dependency_graph",
     "saved_names",
     "fuses_into_users",
+    "partition_choices",
 ]
 
 
@@ -188,6 +189,13 @@ def simulate_partition(
             phases.append("backward")
             live.append(running)
     return MemoryTimeline(labels=labels, phases=phases, live_bytes=live)
+
+
+def partition_choices(info: JointGraphInfo, bw_gm: fx.GraphModule) -> tuple[set[str], set[str]]:
+    """Names of the values a partition saves and of those its backward recomputes."""
+    forward = {n.name for n in info.fw_nodes}
+    recomputed = {n.name for n in bw_gm.graph.nodes if n.op == "call_function" and n.name in forward}
+    return set(saved_names(bw_gm)), recomputed
 
 
 def simulate(info: JointGraphInfo, fw_gm: fx.GraphModule, bw_gm: fx.GraphModule) -> MemoryTimeline:

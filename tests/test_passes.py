@@ -200,6 +200,35 @@ def test_greedy_warm_start_is_feasible(blocks_graph):
     assert m.model_peak(x) < retain_all
 
 
+def test_greedy_starts_from_stock_and_checkpoints_layers():
+    pytest.importorskip("transformers")
+    from adacc_compiler.passes.liveness import partition_choices
+    from tests.joint import capture_joint_graphs
+    from tests.models import hf_llama
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    ((gm, inputs, kw),) = capture_joint_graphs(lambda m: m(input_ids=ids, labels=ids).loss, hf_llama(6))
+    graph = (gm, inputs, kw)
+    info = _info(graph)
+    fw, bw, stock = _stock(graph)
+    iv = model_intervals(info, window=S._window(info))
+    m = S._Model(info, iv, _unit_costs(info), False)
+    seed = partition_choices(info, bw)
+    x = S._seeded(m, seed)
+    # Stock's own plan, in the model's columns, has the simulated stock peak.
+    assert x is not None and m.logical_ok(x)
+    assert m.model_peak(x) == pytest.approx(stock.peak, rel=0.02)
+    # Checkpointing whole layers brings it under a budget well below stock.
+    budget = 0.6 * stock.peak
+    x = S._greedy(m, budget, seed)
+    assert x is not None and m.logical_ok(x)
+    assert m.model_peak(x) <= budget
+    _, recompute, _, _ = m.decisions(x)
+    layers = {info.layer_of[c][0] for c in recompute if c in info.layer_of}
+    assert layers, "no layer was checkpointed"
+
+
 def test_partition_check_rejects_a_deviating_split(mlp_graph):
     info = _info(mlp_graph)
     res = S.solve_plan(info, _unit_costs(info), budget_bytes=10**9, time_limit=10, mip_gap=0.0, share_layers=False)
