@@ -154,7 +154,14 @@ def simulate_partition(
 
     # Storages Inductor never allocates: recomputed values fused into their
     # readers (and the views of them, whose readers are fusible too).
-    fused = {storage_key(n) for n in bw_nodes if recomputed(n) and fuses_into_users(n)}
+    fused_nodes = {n for n in bw_nodes if recomputed(n) and fuses_into_users(n)}
+    fused = {storage_key(n) for n in fused_nodes}
+    # A fused value is computed where its readers run, so what it reads is
+    # read there too: each node's last effective read position.
+    reads_at: dict[fx.Node, int] = {}
+    for n in reversed(bw_nodes):
+        if n in fused_nodes:
+            reads_at[n] = max((reads_at.get(u, pos[u]) for u in n.users), default=pos[n])
     for n in bw_nodes:
         is_saved = n.op == "placeholder" and n.name in saved
         is_recomputed = recomputed(n)
@@ -166,7 +173,7 @@ def simulate_partition(
             continue
         key, nbytes = saved_storage(n) if is_saved else (storage_key(n), _storage_nbytes(n))
         start = -1 if is_saved else pos[n]
-        end = max((pos[u] for u in n.users if u.op != "output"), default=start)
+        end = max((reads_at.get(u, pos[u]) for u in n.users if u.op != "output"), default=start)
         if any(u.op == "output" for u in n.users):
             end = len(bw_nodes)
         iv = intervals.setdefault(key, [start, end])
@@ -348,8 +355,9 @@ def model_intervals(
         for u in users:
             if need[u] != math.inf:
                 tail = max(tail, need[u])
-            if is_alias(u) and last_r[u] >= 0:
-                # A view keeps this storage alive for as long as it lives.
+            if (is_alias(u) or fuses_into_users(u)) and last_r[u] >= 0:
+                # A view keeps this storage alive for as long as it lives; a
+                # fused user reads it wherever its own readers run.
                 tail = max(tail, last_r[u])
         # Head: the earliest reader. Recomputed users pull it earlier; without
         # a tentative set, only a value with no direct reader takes its users'.
