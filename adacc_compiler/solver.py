@@ -477,14 +477,14 @@ def _checkpoint_layers(model: _Model, x: np.ndarray, budget: float) -> np.ndarra
     (peak, total) of the memory profile.
     """
     info = model.info
-    profile = model.memory_profile(x)
-    peak, area = profile.max(initial=0.0), float(profile.sum())
+    current = _peak_area(model, x)
     members: dict[int, list[fx.Node]] = {}
     for c, (layer, _) in info.layer_of.items():
-        if c in model.rec_col and all(info.layer_of.get(u, (None,))[0] == layer for u in c.users if u in model.rec_col or u in model.save_col):
+        readers = [u for u in c.users if u in model.rec_col or u in model.save_col]
+        if c in model.rec_col and all(info.layer_of.get(u, (None,))[0] == layer for u in readers):
             members.setdefault(layer, []).append(c)
     for layer in sorted(members):
-        if peak <= budget:
+        if current[0] <= budget:
             break
         trial = x.copy()
         for c in members[layer]:
@@ -493,10 +493,9 @@ def _checkpoint_layers(model: _Model, x: np.ndarray, budget: float) -> np.ndarra
             trial[model.rec_col[c]] = 1
         if not _close(model, trial):
             continue
-        profile = model.memory_profile(trial)
-        new_peak, new_area = profile.max(initial=0.0), float(profile.sum())
-        if (new_peak < peak or (new_peak == peak and new_area < area)) and model.logical_ok(trial):
-            x, peak, area = trial, new_peak, new_area
+        new = _peak_area(model, trial)
+        if new < current and model.logical_ok(trial):
+            x, current = trial, new
     return x
 
 
@@ -543,10 +542,9 @@ def _single_moves(model: _Model, x: np.ndarray, budget: float) -> np.ndarray:
         cost = model.col_cost[model.rec_col[nodes[0]]]
         options.append((freed / (cost + 1e-9), s, nodes))
     options.sort(key=lambda o: -o[0])
-    profile = model.memory_profile(x)
-    peak, area = profile.max(initial=0.0), float(profile.sum())
+    current = _peak_area(model, x)
     for _, s, nodes in options:
-        if peak <= budget:
+        if current[0] <= budget:
             break
         if x[s] < 0.5:
             continue
@@ -555,14 +553,21 @@ def _single_moves(model: _Model, x: np.ndarray, budget: float) -> np.ndarray:
         trial[model.rec_col[nodes[0]]] = 1
         if not _close(model, trial):
             continue
-        profile = model.memory_profile(trial)
-        new_peak, new_area = profile.max(initial=0.0), float(profile.sum())
-        # A peak held at several points drops only once each is relieved, so
-        # a move that keeps the peak but frees memory elsewhere is kept too
-        # ((peak, area) only decreases: no cycling).
-        if new_peak < peak or (new_peak == peak and new_area < area):
-            x, peak, area = trial, new_peak, new_area
+        new = _peak_area(model, trial)
+        if new < current:
+            x, current = trial, new
     return x
+
+
+def _peak_area(model: _Model, x: np.ndarray) -> tuple[float, float]:
+    """(peak, total) of a plan's memory profile, compared in that order by the greedy's moves.
+
+    A peak held at several points drops only once each is relieved, so a move
+    that keeps the peak but frees memory elsewhere counts as progress; the pair
+    only decreases, so the moves cannot cycle.
+    """
+    profile = model.memory_profile(x)
+    return float(profile.max(initial=0.0)), float(profile.sum())
 
 
 def _close(model: _Model, x: np.ndarray) -> bool:
@@ -850,7 +855,8 @@ def solve_plan(
     for _ in range(0 if timed_out else 3):
         try:
             res = _solve_once(
-                info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options, exact_heads=True, seed=seed
+                info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options,
+                exact_heads=True, seed=seed,
             )
         except (_NoPlanInTime, _ModelInfeasible) as stop:
             log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)

@@ -332,6 +332,7 @@ def model_intervals(
     puller: dict[fx.Node, fx.Node] = {}
     far: list[tuple[fx.Node, fx.Node]] = []
     recomputable = cand - set(info.not_recomputable)
+    fused = {c for c in info.candidates if fuses_into_users(c)}
     for c in reversed(info.candidates):
         first = math.inf
         final = -1.0
@@ -355,7 +356,7 @@ def model_intervals(
         for u in users:
             if need[u] != math.inf:
                 tail = max(tail, need[u])
-            if (is_alias(u) or fuses_into_users(u)) and last_r[u] >= 0:
+            if (is_alias(u) or u in fused) and last_r[u] >= 0:
                 # A view keeps this storage alive for as long as it lives; a
                 # fused user reads it wherever its own readers run.
                 tail = max(tail, last_r[u])
@@ -392,7 +393,7 @@ def model_intervals(
         if size and is_alias(c):
             b_s[c] = saved_storage(c)[1]
             b_r[c] = 0
-        elif size and fuses_into_users(c):
+        elif size and c in fused:
             b_s[c], b_r[c] = size, 0
         else:
             b_s[c] = b_r[c] = size

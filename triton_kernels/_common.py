@@ -54,6 +54,7 @@ __all__ = [
     "define_codec",
     "grid_1d",
     "tile_candidates",
+    "tile_grid",
     "launch_tuned",
     "tuned_configs",
 ]
@@ -350,7 +351,20 @@ def tile_candidates(
     return out
 
 
-def launch_tuned(name: str, key: tuple, candidates: Sequence[dict], launch: Callable[[dict], None], *, numel: int, device: torch.device) -> dict:
+def tile_grid(rows: int, cols: int, config: dict) -> tuple[int, int]:
+    """The launch grid that covers (rows, cols) with ``config``'s tiles."""
+    return triton.cdiv(rows, config["BLOCK_T"]), triton.cdiv(cols, config["BLOCK_C"])
+
+
+def launch_tuned(
+    name: str,
+    key: tuple,
+    candidates: Sequence[dict],
+    launch: Callable[[dict], None],
+    *,
+    numel: int,
+    device: torch.device,
+) -> dict:
     """Run ``launch(config)`` with the best of ``candidates`` for this kernel and shape class.
 
     The first time a (kernel, ``key``, size class, device) is seen on a GPU
@@ -360,10 +374,16 @@ def launch_tuned(name: str, key: tuple, candidates: Sequence[dict], launch: Call
     """
     if FORCE_CANDIDATE is not None:
         config = candidates[min(FORCE_CANDIDATE, len(candidates) - 1)]
-    elif device.type != "cuda" or numel < TUNE_MIN_ELEMS or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+    elif (
+        device.type != "cuda"
+        or numel < TUNE_MIN_ELEMS
+        or len(candidates) == 1
+        or torch.cuda.is_current_stream_capturing()
+    ):
         config = candidates[0]
     else:
-        full_key = (name, key, numel.bit_length(), device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        full_key = (name, key, numel.bit_length(), index)
         config = _tuned.get(full_key)
         if config is None:
             from triton.testing import do_bench

@@ -216,8 +216,7 @@ def triton_decompress(packed, scale, shape: Sequence[int], dtype: torch.dtype):
     groups, nb = cm.num_groups(channels, GROUP), (channels + 1) // 2
 
     def launch(c: dict) -> None:
-        grid = (triton.cdiv(tokens, c["BLOCK_T"]), triton.cdiv(channels, c["BLOCK_C"]))
-        _decompress_kernel[grid](
+        _decompress_kernel[cm.tile_grid(tokens, channels, c)](
             packed, scale, out, tokens, channels, groups, nb,
             BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], GROUP=GROUP, num_warps=c["num_warps"],
         )

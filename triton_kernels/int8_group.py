@@ -305,8 +305,7 @@ def triton_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.dty
     slot, groups = _slot_map(idx, channels), cm.num_groups(channels, GROUP)
 
     def launch(c: dict) -> None:
-        grid = (triton.cdiv(tokens, c["BLOCK_T"]), triton.cdiv(channels, c["BLOCK_C"]))
-        _decompress_kernel[grid](
+        _decompress_kernel[cm.tile_grid(tokens, channels, c)](
             q, scale, slot, val, out, tokens, channels, groups, idx.numel(),
             BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], GROUP=GROUP, num_warps=c["num_warps"],
         )

@@ -183,8 +183,7 @@ def triton_decompress(q: torch.Tensor, scale: torch.Tensor, shape: Sequence[int]
     q, scale = q.contiguous(), scale.contiguous()
 
     def launch(c: dict) -> None:
-        grid = (triton.cdiv(tokens, c["BLOCK_T"]), triton.cdiv(channels, c["BLOCK_C"]))
-        _decompress_kernel[grid](
+        _decompress_kernel[cm.tile_grid(tokens, channels, c)](
             q, scale, out, tokens, channels, BLOCK_T=c["BLOCK_T"], BLOCK_C=c["BLOCK_C"], num_warps=c["num_warps"]
         )
 
