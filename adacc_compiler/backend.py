@@ -257,8 +257,7 @@ def plan_and_partition(
     from adacc_compiler.passes import _torch as tp
     from adacc_compiler.passes.classify import analyze_joint_graph
     from adacc_compiler.passes.compress import codec_menus, measure_menus
-    from adacc_compiler.costs import fused_recompute_seconds
-    from adacc_compiler.passes.liveness import fuses_into_users, partition_choices, simulate
+    from adacc_compiler.passes.liveness import partition_choices, simulate
     from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
     from adacc_compiler import smallest as smallest_plans
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
@@ -293,12 +292,7 @@ def plan_and_partition(
 
     recomputable = [c for c in info.candidates if c not in info.not_recomputable]
     t_cost = time.perf_counter()
-    costs = cost_model.node_costs(recomputable)
-    # Inductor computes these inside the kernels that read them when recomputed.
-    fused = [c for c in recomputable if fuses_into_users(c)]
-    for c in fused:
-        costs[c] = fused_recompute_seconds(c, costs[c], device_kind=cost_model.device_kind(c))
-    log.debug("adacc: %d of %d recomputable values fuse into their readers", len(fused), len(recomputable))
+    costs = cost_model.recompute_costs(recomputable)
     t_cost = time.perf_counter() - t_cost
 
     t_codec = time.perf_counter()

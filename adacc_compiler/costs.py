@@ -799,6 +799,23 @@ class CostModel:
                 for other in group:
                     costs[other] = seconds
 
+    def recompute_costs(self, nodes: Iterable[torch.fx.Node]) -> dict[torch.fx.Node, float]:
+        """Seconds each node adds to the backward when recomputed there.
+
+        :meth:`node_costs`, except for values Inductor computes inside the
+        kernels that read them (:func:`fuses_into_users`): those cost their
+        time less their own memory traffic (:func:`fused_recompute_seconds`).
+        """
+        from adacc_compiler.passes.liveness import fuses_into_users
+
+        nodes = list(nodes)
+        costs = self.node_costs(nodes)
+        fused = [c for c in nodes if fuses_into_users(c)]
+        for c in fused:
+            costs[c] = fused_recompute_seconds(c, costs[c], device_kind=self.device_kind(c))
+        log.debug("adacc: %d of %d recomputable values fuse into their readers", len(fused), len(nodes))
+        return costs
+
     def node_costs(self, nodes: Iterable[torch.fx.Node]) -> dict[torch.fx.Node, float]:
         """Seconds to compute each node once. Nodes with the same key are measured once."""
         nodes = list(nodes)

@@ -73,6 +73,11 @@ _MIN_PEAK_NODES = 2000
 _MIN_PEAK_TIME_FACTOR = 4.0
 # A decode runs just before the first backward reader of its value.
 _DECODE_STEP = 1e-4
+# HiGHS sees bytes in KiB and seconds in milliseconds: in raw units the rows
+# span 1 to 1e7 and the costs 1e-6 to 1e-2, which HiGHS flags as badly scaled
+# and which slows its branch and bound.
+_BYTE_UNIT = 1024.0
+_TIME_UNIT = 1e-3
 
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
@@ -157,7 +162,7 @@ class _Model:
             self.num_cols += 1
             return self.num_cols - 1
 
-        # Which nodes may share a column with their layer-0 twin.
+        # Which nodes may share a column with their layer-1 twin.
         # The first and last repeated layers keep their own decisions: the last
         # one's backward runs at the memory peak, the first one's at the end.
         template: dict[int, fx.Node] = {}
@@ -184,7 +189,9 @@ class _Model:
         # Only values that can matter get columns: tensors and multi-output ops.
         self.relevant = [c for c in cand if is_tensor[c] or is_multi[c]]
         boundary = set(info.boundary)
-        for c in self.relevant:
+        # Templates first: the backward reaches layer 1 after the later layers.
+        templates = set(template.values())
+        for c in sorted(self.relevant, key=lambda n: n not in templates):
             t = twin(c)
             can_rec = c not in info.not_recomputable
             # Views of parameters and broadcast views (expand) are rebuilt for
@@ -370,14 +377,25 @@ class _Model:
         for row_terms, lo, hi in extra_rows:
             if kept := _merge(row_terms):
                 self.logical_rows.append((kept, lo, hi))
-        points = sorted({-1.0} | {t[2] for t in terms})
-        self.points = points
-        self.mem_terms = []
+        # The running total only changes where an interval starts, and the
+        # memory at a start point followed by no end before the next start is
+        # at most the memory there: only points where some interval ends are
+        # bounded (a third fewer rows on a Llama joint graph).
+        starts = sorted({-1.0} | {t[2] for t in terms})
+        spans = []
         for col, size, start, end in terms:
-            a = bisect.bisect_left(points, start)
-            b = bisect.bisect_right(points, end) - 1
+            a = bisect.bisect_left(starts, start)
+            b = bisect.bisect_right(starts, end) - 1
             if b >= a:
-                self.mem_terms.append((col, size, a, b))
+                spans.append((col, size, a, b))
+        kept = sorted({b for _, _, _, b in spans})
+        self.points = [starts[k] for k in kept]
+        self.mem_terms = []
+        for col, size, a, b in spans:
+            a2 = bisect.bisect_left(kept, a)
+            b2 = bisect.bisect_right(kept, b) - 1
+            if b2 >= a2:
+                self.mem_terms.append((col, size, a2, b2))
 
     def sources(self, c: fx.Node) -> list[int]:
         """Columns that make ``c`` available to recomputation other than saving it."""
@@ -503,8 +521,9 @@ def _greedy(model: _Model, budget: float, seed: tuple[set[str], set[str]] | None
     """A plan under ``budget`` if a simple search finds one.
 
     Starts from ``seed`` (stock Inductor's partition) when the model admits
-    it, else from saving every boundary value; then checkpoints whole layers,
-    then recomputes single values, the most bytes per second first.
+    it, else from saving every boundary value. From there it recomputes
+    single values, or checkpoints whole layers and then recomputes single
+    values, and keeps the cheaper of the two plans that fits.
     """
     info = model.info
     boundary = set(info.boundary)
@@ -523,39 +542,65 @@ def _greedy(model: _Model, budget: float, seed: tuple[set[str], set[str]] | None
         # Close recomputed multi-output values (their inputs must be available).
         if not _close(model, x):
             return None
-    x = _checkpoint_layers(model, x, budget)
-    x = _single_moves(model, x, budget)
-    return x if model.logical_ok(x) else None
+    # Single values first (cheap where a few suffice, as at mild budgets), or
+    # whole layers first (where most must go): the cheaper plan that fits wins.
+    best = None
+    single = _single_moves(model, x.copy(), budget)
+    layers = _single_moves(model, _checkpoint_layers(model, x.copy(), budget), budget)
+    for plan in (single, layers):
+        key = (model.model_peak(plan) > budget, float(np.dot(model.col_cost, plan)))
+        if (best is None or key < best[0]) and model.logical_ok(plan):
+            best = (key, plan)
+    return None if best is None else best[1]
 
 
 def _single_moves(model: _Model, x: np.ndarray, budget: float) -> np.ndarray:
-    """Recompute saved boundary values one at a time, the most bytes per second first, while it lowers the peak."""
-    info = model.info
-    boundary = set(info.boundary)
-    by_col: dict[int, list[fx.Node]] = {}
+    """Recompute saved values one at a time while the peak is over ``budget``.
+
+    Each step looks at the point where the plan peaks and takes the move that
+    frees the most bytes there per second of recomputation (bytes the value's
+    save column holds at that point, less what its recomputation holds
+    there), among those that lower the plan's (peak, total).
+    """
+    cover: dict[int, list[tuple[int, int, int]]] = {}
+    for col, size, a, b in model.mem_terms:
+        cover.setdefault(col, []).append((size, a, b))
+
+    def held(col: int, k: int) -> int:
+        return sum(size for size, a, b in cover.get(col, ()) if a <= k <= b)
+
+    moves = {}
     for c, s in model.save_col.items():
-        if c in model.rec_col and c in boundary:
-            by_col.setdefault(s, []).append(c)
-    options = []
-    for s, nodes in by_col.items():
-        freed = sum(info.nbytes.get(c, 0) for c in nodes)
-        cost = model.col_cost[model.rec_col[nodes[0]]]
-        options.append((freed / (cost + 1e-9), s, nodes))
-    options.sort(key=lambda o: -o[0])
+        r = model.rec_col.get(c)
+        if r is not None and r != s:
+            moves[s] = (r, c)
     current = _peak_area(model, x)
-    for _, s, nodes in options:
-        if current[0] <= budget:
+    tried: set[tuple[int, int]] = set()
+    while current[0] > budget:
+        k = int(np.argmax(model.memory_profile(x)))
+        ranked = []
+        for s, (r, c) in moves.items():
+            if x[s] < 0.5 or (s, k) in tried:
+                continue
+            gain = held(s, k) - held(r, k)
+            if gain > 0:
+                ranked.append((gain / (model.col_cost[r] + 1e-9), s, r))
+        if not ranked:
             break
-        if x[s] < 0.5:
-            continue
-        trial = x.copy()
-        trial[s] = 0
-        trial[model.rec_col[nodes[0]]] = 1
-        if not _close(model, trial):
-            continue
-        new = _peak_area(model, trial)
-        if new < current:
-            x, current = trial, new
+        ranked.sort(key=lambda o: -o[0])
+        for _, s, r in ranked:
+            tried.add((s, k))
+            trial = x.copy()
+            trial[s] = 0
+            trial[r] = 1
+            if not _close(model, trial):
+                continue
+            new = _peak_area(model, trial)
+            if new < current:
+                x, current = trial, new
+                break
+        else:
+            break
     return x
 
 
@@ -635,15 +680,16 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
     npts = len(model.points)
     inf = highspy.kHighsInf
     # Columns: decisions, then one m_k per point, then (peak mode) the peak M.
-    costs = np.concatenate([np.array(model.col_cost) * (0.0 if minimise_peak else 1.0), np.zeros(npts)])
+    col_cost = np.array(model.col_cost) / _TIME_UNIT
+    costs = np.concatenate([col_cost * (0.0 if minimise_peak else 1.0), np.zeros(npts)])
     lower = np.zeros(n + npts)
-    upper = np.concatenate([np.ones(n), np.full(npts, inf if minimise_peak else budget)])
+    upper = np.concatenate([np.ones(n), np.full(npts, inf if minimise_peak else budget / _BYTE_UNIT)])
     if minimise_peak:
         costs = np.concatenate([costs, [1.0]])
         lower = np.concatenate([lower, [0.0]])
         upper = np.concatenate([upper, [inf]])
         # Tie-break toward cheap plans among the smallest-peak ones.
-        costs[:n] = np.array(model.col_cost) * 1e-6
+        costs[:n] = col_cost * 1e-6
     for k, lo, hi in model.head_bounds:
         lower[k] = lo
         upper[k] = hi
@@ -670,8 +716,8 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
         add_row(terms, lo, hi)
     adds: list[list[tuple[int, float]]] = [[] for _ in range(npts + 1)]
     for col, size, a, b in model.mem_terms:
-        adds[a].append((col, -float(size)))
-        adds[b + 1].append((col, float(size)))
+        adds[a].append((col, -size / _BYTE_UNIT))
+        adds[b + 1].append((col, size / _BYTE_UNIT))
     for k in range(npts):
         terms = [(n + k, 1.0)] + adds[k]
         if k > 0:
@@ -696,9 +742,9 @@ def _build_highs(model: _Model, budget: float, *, minimise_peak: bool):
 def _warm_start(h, model: _Model, x: np.ndarray, extra: list[float] | None = None) -> None:
     import highspy
 
-    m = model.memory_profile(x)
+    m = model.memory_profile(x) / _BYTE_UNIT
     sol = highspy.HighsSolution()
-    sol.col_value = list(x) + list(m) + (extra or [])
+    sol.col_value = list(x) + list(m) + [e / _BYTE_UNIT for e in extra or []]
     sol.value_valid = True
     h.setSolution(sol)
 
@@ -726,7 +772,7 @@ def _min_peak_solution(model: _Model, *, time_limit: float) -> tuple[np.ndarray,
         status = h.modelStatusToString(h.getModelStatus())
         raise RuntimeError(f"adacc: could not compute the smallest feasible budget ({status})")
     x = np.round(np.array(h.getSolution().col_value[: model.num_cols]))
-    return x, float(h.getInfo().mip_dual_bound)
+    return x, float(h.getInfo().mip_dual_bound) * _BYTE_UNIT
 
 
 def own_peak(
@@ -999,8 +1045,8 @@ def _solve_once(
         raise _ModelInfeasible()
     if has_solution:
         x = np.round(np.array(h.getSolution().col_value[: model.num_cols]))
-        objective = float(hinfo.objective_function_value)
-        bound = float(hinfo.mip_dual_bound)
+        objective = float(hinfo.objective_function_value) * _TIME_UNIT
+        bound = float(hinfo.mip_dual_bound) * _TIME_UNIT
         gap = float(hinfo.mip_gap)
     else:
         assert greedy is not None

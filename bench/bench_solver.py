@@ -54,7 +54,7 @@ def main() -> int:
     fw, bw = stock_partition(gm, inputs, num_fwd_outputs=kw["num_fwd_outputs"],
                              static_lifetime_input_indices=kw["static_lifetime_input_indices"])
     stock = simulate(info, fw, bw)
-    costs = CostModel(profile=False, cache_dir=None).node_costs(
+    costs = CostModel(profile=False, cache_dir=None).recompute_costs(
         [c for c in info.candidates if c not in info.not_recomputable]
     )
     rows = []

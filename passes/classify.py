@@ -305,3 +305,45 @@ def detect_layers(info: JointGraphInfo, *, min_period: int = 4) -> None:
         info.layer_of[fw[start + i]] = (i // period, i % period)
     info.num_layers = num_layers
     info.layer_period = period
+    _extend_layers(info)
+
+
+def _extend_layers(info: JointGraphInfo) -> None:
+    """Give layers to the forward-computable values the backward computes from one layer.
+
+    A decomposed backward formula computes some values from forward values
+    only (the ``sigmoid`` of a SiLU's input, say): they are candidates like any
+    forward value, but they sit outside the forward's repeated stretch. One
+    that reads values of a single layer (besides values outside every layer)
+    gets that layer, and a slot after the forward's keyed by its op and the
+    slots it reads; a key that is not found exactly once in every layer gets
+    no slot, so twins are always the same op wired the same way.
+    """
+    found: dict[tuple, dict[int, list[fx.Node]]] = {}
+    slots: dict[fx.Node, tuple] = {}
+    for c in info.candidates:
+        if c in info.layer_of or c.op != "call_function":
+            continue
+        layers = {info.layer_of[a][0] for a in c.all_input_nodes if a in info.layer_of}
+        if len(layers) != 1:
+            continue
+        reads = tuple(
+            slots[a] if a in slots else info.layer_of[a][1] if a in info.layer_of else -1 for a in c.all_input_nodes
+        )
+        key = (_signature(c), reads)
+        (layer,) = layers
+        found.setdefault(key, {}).setdefault(layer, []).append(c)
+        # Later values may read this one: it takes part in their keys.
+        info.layer_of[c] = (layer, -1)
+        slots[c] = key
+    next_slot = info.layer_period
+    for key, by_layer in found.items():
+        unique = len(by_layer) == info.num_layers and all(len(v) == 1 for v in by_layer.values())
+        for layer, nodes in by_layer.items():
+            for c in nodes:
+                if unique:
+                    info.layer_of[c] = (layer, next_slot)
+                else:
+                    del info.layer_of[c]
+        if unique:
+            next_slot += 1

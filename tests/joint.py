@@ -50,11 +50,15 @@ def capture_joint_graphs(fn: Callable[[], torch.Tensor], module: torch.nn.Module
     return out
 
 
-def trace_joint(fn: Callable[..., torch.Tensor], *args: torch.Tensor, static: tuple[int, ...] = ()):
+def trace_joint(
+    fn: Callable[..., torch.Tensor], *args: torch.Tensor, static: tuple[int, ...] = (), inductor_decomps: bool = False
+):
     """Trace ``fn(*args)`` (returning a scalar loss) into a prepared joint graph, without Inductor.
 
     Returns ``(joint graph, joint inputs, partitioner kwargs)``; ``static`` lists
     the argument positions that are parameters (static-lifetime inputs).
+    ``inductor_decomps`` decomposes ops as Inductor does (``silu_backward``
+    into ``sigmoid`` and pointwise ops, for instance).
     """
     from functorch.compile import make_boxed_compiler
     from torch._functorch.aot_autograd import aot_function
@@ -72,7 +76,14 @@ def trace_joint(fn: Callable[..., torch.Tensor], *args: torch.Tensor, static: tu
         captured.append((tp.prepare_joint_graph(_copy_graph_module(gm)), joint_inputs, kwargs))
         return tp.default_partition(gm, joint_inputs, num_fwd_outputs=kwargs["num_fwd_outputs"])
 
-    compiled = aot_function(fn, fw_compiler=run_as_is, bw_compiler=run_as_is, partition_fn=partition)
+    decompositions = None
+    if inductor_decomps:
+        from torch._inductor.decomposition import select_decomp_table
+
+        decompositions = select_decomp_table()
+    compiled = aot_function(
+        fn, fw_compiler=run_as_is, bw_compiler=run_as_is, partition_fn=partition, decompositions=decompositions
+    )
     compiled(*args).backward()
     assert len(captured) == 1
     return captured[0]

@@ -454,3 +454,17 @@ def test_fused_recompute_drops_the_ops_own_traffic():
     # All traffic (or less than the rough constants predict): a tenth of the measurement.
     assert costs.fused_recompute_seconds(node, traffic, device_kind="cpu") == pytest.approx(0.1 * traffic)
     assert costs.fused_recompute_seconds(node, 1e-6, device_kind="cuda") == pytest.approx(1e-7)
+
+
+def test_recompute_costs_discount_only_values_that_fuse():
+    # exp feeds a pointwise mul (fuses when recomputed); the mm's output feeds
+    # the exp but is a matmul, which never fuses.
+    gm = trace(lambda a, b: torch.exp(a @ b) * 2.0, torch.randn(64, 256), torch.randn(256, 64))
+    (exp,) = ops(gm, torch.ops.aten.exp.default)
+    (mm,) = ops(gm, torch.ops.aten.mm.default)
+    cm = costs.CostModel(profile=False, cache_dir=None)
+    plain = cm.node_costs([exp, mm])
+    rec = cm.recompute_costs([exp, mm])
+    assert rec[mm] == plain[mm]
+    assert rec[exp] == pytest.approx(costs.fused_recompute_seconds(exp, plain[exp], device_kind="cpu"))
+    assert rec[exp] < plain[exp]

@@ -101,6 +101,37 @@ def test_layers_are_detected_by_structure(blocks_graph):
     assert all(len(ops) == 1 for ops in slots.values())
 
 
+def _silu_blocks(x, *ws):
+    for w1, w2 in zip(ws[::2], ws[1::2]):
+        x = x + F.silu(F.layer_norm(x, x.shape[-1:]) @ w1) @ w2
+    return x.pow(2).mean()
+
+
+def test_backward_side_forward_values_join_their_layer():
+    """SiLU's backward computes sigmoid(x) from the forward's x: the value is a
+    candidate outside the forward's repeated stretch, and must share its
+    layer's decisions like the forward values around it."""
+    torch.manual_seed(0)
+    ws = []
+    for _ in range(6):
+        ws += [torch.randn(32, 64, requires_grad=True) / 8, torch.randn(64, 32, requires_grad=True) / 8]
+    graph = trace_joint(_silu_blocks, torch.randn(16, 32), *ws, static=tuple(range(1, 13)), inductor_decomps=True)
+    info = _info(graph)
+    forward = set(info.node_info._required_fw_nodes)
+    sigmoids = [c for c in info.candidates if c not in forward and "sigmoid" in str(c.target)]
+    assert len(sigmoids) >= info.num_layers
+    placed = [info.layer_of[c] for c in sigmoids if c in info.layer_of]
+    assert len({layer for layer, _ in placed}) == info.num_layers  # one per detected layer
+    assert len({slot for _, slot in placed}) == 1 and placed[0][1] >= info.layer_period
+    model = S._Model(info, model_intervals(info, window=S._window(info)), _unit_costs(info), True)
+    by_layer = {info.layer_of[c][0]: c for c in sigmoids if c in info.layer_of}
+    twin = by_layer[1]
+    for layer in range(2, info.num_layers - 1):
+        assert model.rec_col[by_layer[layer]] == model.rec_col[twin]
+        assert model.save_col.get(by_layer[layer]) == model.save_col.get(twin)
+    assert model.rec_col[by_layer[0]] != model.rec_col[twin]
+
+
 def _stock(graph):
     """Stock Inductor's split of a traced joint graph, and its exact timeline."""
     gm, inp, kw = graph
