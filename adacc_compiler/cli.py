@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq", type=int, default=128, help="sequence length in bytes")
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (warm-up, then cosine decay)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this before each step (0: no clipping)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("adacc_train_out"), help="output directory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -217,6 +218,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seq=args.seq,
         batch=args.batch,
         lr=args.lr,
+        grad_clip=args.grad_clip or None,
         seed=args.seed,
         out=args.out,
         progress=not args.no_progress,

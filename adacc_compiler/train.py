@@ -88,6 +88,8 @@ class TrainConfig:
     batch: int = 8
     lr: float = 2e-3
     warmup_steps: int = 20
+    # Clip the gradient's global norm before each step, as LLM recipes do; None: no clipping.
+    grad_clip: float | None = 1.0
     seed: int = 0
     eval_batches: int = 32
     corpus_bytes: int = 2_000_000
@@ -117,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"width: must be a multiple of 4 (the number of heads), got {self.width}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr: must be a positive number, got {self.lr}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip: must be a positive number or None (no clipping), got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be at least 0, got {self.warmup_steps}")
         if self.corpus_bytes < 20 * (self.seq + 1):
@@ -288,6 +292,8 @@ def run_train(config: TrainConfig, *, stream: TextIO | None = None) -> TrainResu
             t0 = time.perf_counter()
             loss = compiled[n](input_ids=ids, labels=ids).loss
             loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(models[n].parameters(), config.grad_clip)
             optims[n].step()
             optims[n].zero_grad(set_to_none=True)
             stats[n].step_s.append(time.perf_counter() - t0)

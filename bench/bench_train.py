@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip of both runs (0: none)")
     p.add_argument("--compress", choices=["lossy", "lossless", "off"], default=None)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="other adacc options")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_seeds")
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             budget=args.budget,
             steps=args.steps,
             seed=seed,
+            grad_clip=args.grad_clip or None,
             out=out,
             progress=False,
             compress=args.compress,
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(rows)
     (args.out / "seeds.txt").write_text(table + "\n")
     (args.out / "config.json").write_text(
-        json.dumps({"budget": args.budget, "steps": args.steps, "seeds": args.seeds, "compress": args.compress,
+        json.dumps({"budget": args.budget, "steps": args.steps, "seeds": args.seeds, "grad_clip": args.grad_clip or None,
+                    "compress": args.compress,
                     "options": options, "torch": torch.__version__}, indent=2) + "\n"
     )
     opts = ", ".join(f"{k}={v}" for k, v in options.items())
