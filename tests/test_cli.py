@@ -206,6 +206,9 @@ def test_options_are_validated():
         TrainConfig(budget=0.0)
     with pytest.raises(ValueError, match="width: must be a multiple of 4"):
         TrainConfig(width=30)
+    with pytest.raises(ValueError, match="grad_clip: must be a positive number or None"):
+        TrainConfig(grad_clip=0.0)
+    assert TrainConfig(grad_clip=None).grad_clip is None
     with pytest.raises(SystemExit):
         cli.main(["bench", "--budgets", "2"])
     # Other adacc options: validated as torch.compile would, before any run.
