@@ -20,9 +20,11 @@ Model (one joint graph):
   a recomputed user pulls it (charged as for a recomputed value, below).
 * Memory: each column occupies an interval of the backward schedule
   (:func:`adacc_compiler.passes.liveness.model_intervals`); a saved value is
-  live from the end of the forward. A running total ``m_k`` over the interval
-  start points (O(N + T) non-zeros) is bounded by the budget at every point:
+  live from the end of the forward. A running total ``m_k`` (O(N + T)
+  non-zeros) is bounded by the budget at every start point followed by an
+  interval's end (the others hold at most what the next such point holds):
   the budget bounds the peak of live activation memory, not the saved sum.
+  HiGHS sees bytes in KiB and seconds in milliseconds.
 * A recomputed value must exist from the moment its earliest recomputed user
   is rebuilt. Pulls within a small window are counted conservatively; longer
   ones ("far" pairs) get continuous segment columns charged only when both
