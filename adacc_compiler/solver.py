@@ -571,17 +571,14 @@ def _single_moves(model: _Model, x: np.ndarray, budget: float) -> np.ndarray:
     def held(col: int, k: int) -> int:
         return sum(size for size, a, b in cover.get(col, ()) if a <= k <= b)
 
-    moves = {}
-    for c, s in model.save_col.items():
-        r = model.rec_col.get(c)
-        if r is not None and r != s:
-            moves[s] = (r, c)
+    # save column -> recompute column of the same value
+    moves = {s: model.rec_col[c] for c, s in model.save_col.items() if model.rec_col.get(c, s) != s}
     current = _peak_area(model, x)
     tried: set[tuple[int, int]] = set()
     while current[0] > budget:
         k = int(np.argmax(model.memory_profile(x)))
         ranked = []
-        for s, (r, c) in moves.items():
+        for s, r in moves.items():
             if x[s] < 0.5 or (s, k) in tried:
                 continue
             gain = held(s, k) - held(r, k)

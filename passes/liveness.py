@@ -230,16 +230,20 @@ def dependency_graph(info: JointGraphInfo) -> nx.DiGraph:
 _CHAIN_STEP = 1e-4
 
 
+def _op_tags(node: fx.Node) -> set:
+    """The ATen tags of ``node``'s op (none for anything but an ATen overload call)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return set()
+    return set(node.target.tags)
+
+
 def _fusible_reader(node: fx.Node) -> bool:
     """An op Inductor generates as a loop that can compute its inputs inline.
 
     Pointwise ops and reductions; a view counts when everything that reads it
     does (an extern kernel reading a view needs the base stored).
     """
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    if torch.Tag.pointwise in target.tags or torch.Tag.reduction in target.tags:
+    if _op_tags(node) & {torch.Tag.pointwise, torch.Tag.reduction}:
         return True
     return is_alias(node) and bool(node.users) and all(_fusible_reader(u) for u in node.users)
 
@@ -254,10 +258,7 @@ def fuses_into_users(node: fx.Node) -> bool:
     such values, and those read by anything but pointwise ops and reductions
     (matmuls, attention, custom ops, the graph's output), count as stored.
     """
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    if torch.Tag.pointwise not in target.tags:
+    if torch.Tag.pointwise not in _op_tags(node):
         return False
     from torch._inductor import config as inductor_config
 
