@@ -80,6 +80,10 @@ _DECODE_STEP = 1e-4
 # and which slows its branch and bound.
 _BYTE_UNIT = 1024.0
 _TIME_UNIT = 1e-3
+# HiGHS's random seed for the cost MILP. Fixed so that a graph gets the same
+# plan every time; bench/bench_solver.py varies it to show how solve times
+# spread with the branch-and-bound path.
+HIGHS_RANDOM_SEED = 0
 
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
@@ -1017,7 +1021,7 @@ def _solve_once(
     h, ncols, nrows, nnz = _build_highs(model, budget, minimise_peak=False)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
-    h.setOptionValue("random_seed", 0)
+    h.setOptionValue("random_seed", HIGHS_RANDOM_SEED)
     # HiGHS's presolve finds little to remove in these rows and its reductions
     # slow the branch and bound: on a 12-layer Llama joint graph the solves
     # to a 2% gap take 0.4-2.1 s without it against 2.2-2.7 s with it
