@@ -84,6 +84,8 @@ _TIME_UNIT = 1e-3
 # plan every time; bench/bench_solver.py varies it to show how solve times
 # spread with the branch-and-bound path.
 HIGHS_RANDOM_SEED = 0
+# Node limit of the sub-MILP that refits an earlier round's plan (see _refit).
+_REFIT_NODES = 10
 
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
@@ -151,6 +153,7 @@ class _Model:
         codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
     ):
         self.info = info
+        self.banned_pairs = tuple(banned_pairs)
         codec_options = codec_options or {}
         cand = info.candidates
         is_tensor = {c: isinstance(c.meta.get("val"), torch.Tensor) for c in cand}
@@ -523,13 +526,22 @@ def _checkpoint_layers(model: _Model, x: np.ndarray, budget: float) -> np.ndarra
     return x
 
 
-def _greedy(model: _Model, budget: float, seed: tuple[set[str], set[str]] | None = None) -> np.ndarray | None:
+def _greedy(
+    model: _Model,
+    budget: float,
+    seed: tuple[set[str], set[str]] | None = None,
+    previous: SolveResult | None = None,
+) -> np.ndarray | None:
     """A plan under ``budget`` if a simple search finds one.
 
     Starts from ``seed`` (stock Inductor's partition) when the model admits
     it, else from saving every boundary value. From there it recomputes
     single values, or checkpoints whole layers and then recomputes single
-    values, and keeps the cheaper of the two plans that fits.
+    values. ``previous`` is the plan of an earlier round on the same graph
+    (which overflowed its own intervals): repaired for this round's bans and
+    moved under the new target by single moves, it is a third start, close to
+    this round's optimum where the first two are not. The cheapest plan that
+    fits wins.
     """
     info = model.info
     boundary = set(info.boundary)
@@ -553,11 +565,78 @@ def _greedy(model: _Model, budget: float, seed: tuple[set[str], set[str]] | None
     best = None
     single = _single_moves(model, x.copy(), budget)
     layers = _single_moves(model, _checkpoint_layers(model, x.copy(), budget), budget)
-    for plan in (single, layers):
+    plans = [single, layers]
+    if previous is not None:
+        repaired = _repaired(model, previous)
+        if repaired is not None:
+            completed = _refit(model, repaired, budget)
+            if completed is not None:
+                plans.append(completed)
+    for plan in plans:
         key = (model.model_peak(plan) > budget, float(np.dot(model.col_cost, plan)))
         if (best is None or key < best[0]) and model.logical_ok(plan):
             best = (key, plan)
     return None if best is None else best[1]
+
+
+def _repaired(model: _Model, previous: SolveResult) -> np.ndarray | None:
+    """An earlier round's plan made admissible in ``model``, or None.
+
+    The rounds differ by banned recompute pairs (and by intervals, which do
+    not touch admissibility): of a banned pair both recomputed, the pulled
+    value is saved instead when it can be, else its user.
+    """
+    x = model.vector(previous.save, previous.recompute, previous.keep_primals, previous.compress)
+    for c, w in model.banned_pairs:
+        rc, rw = model.rec_col.get(c), model.rec_col.get(w)
+        if rc is None or rw is None or x[rc] < 0.5 or x[rw] < 0.5:
+            continue
+        for v, r in ((c, rc), (w, rw)):
+            if v in model.save_col:
+                x[r] = 0
+                x[model.save_col[v]] = 1
+                break
+        else:
+            return None
+    return x if _close(model, x) and model.logical_ok(x) else None
+
+
+def _refit(model: _Model, x: np.ndarray, budget: float) -> np.ndarray | None:
+    """``x`` changed only where it overflows ``budget``: a small MILP over the values alive there.
+
+    Every decision column whose memory terms miss the points where ``x``
+    peaks over the budget keeps its value; the others (and the derived
+    columns) are free. HiGHS solves that sub-problem under a node limit;
+    its plan, when it finds one, is a warm start for the whole MILP.
+    """
+    profile = model.memory_profile(x)
+    over = profile > budget
+    if not over.any():
+        return x
+    hot = np.concatenate([[0], np.cumsum(over)])  # hot[b + 1] - hot[a]: overflow points in [a, b]
+    free = set(model.pull_cols) | set(model.head_col.values())
+    for col, _, a, b in model.mem_terms:
+        if hot[b + 1] > hot[a]:
+            free.add(col)
+    # A value's columns move together (save one way, recompute or decode another).
+    for c in model.relevant:
+        cols = [k for k in (model.save_col.get(c), model.rec_col.get(c)) if k is not None]
+        cols += model.comp_col.get(c, {}).values()
+        if any(k in free for k in cols):
+            free.update(cols)
+    h, _, _, _ = _build_highs(model, budget, minimise_peak=False)
+    fixed = np.array([k for k in range(model.num_cols) if k not in free], dtype=np.int32)
+    if len(fixed):
+        h.changeColsBounds(len(fixed), fixed, x[fixed], x[fixed])
+    h.setOptionValue("presolve", "off")
+    h.setOptionValue("mip_max_nodes", _REFIT_NODES)
+    h.setOptionValue("mip_rel_gap", 0.01)
+    h.setOptionValue("random_seed", HIGHS_RANDOM_SEED)
+    h.run()
+    if h.getInfo().primal_solution_status != 2:
+        return None
+    y = np.round(np.array(h.getSolution().col_value[: model.num_cols]))
+    return y if model.logical_ok(y) and model.model_peak(y) <= budget else None
 
 
 def _single_moves(model: _Model, x: np.ndarray, budget: float) -> np.ndarray:
@@ -830,7 +909,8 @@ def solve_plan(
     for _ in range(max_rounds):
         try:
             res = _solve_once(
-                info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options, seed=seed
+                info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options, seed=seed,
+                previous=res,
             )
         except _NoPlanInTime as stop:
             # The smallest-peak plan below is the answer (or the infeasibility
@@ -905,7 +985,7 @@ def solve_plan(
         try:
             res = _solve_once(
                 info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options,
-                exact_heads=True, seed=seed,
+                exact_heads=True, seed=seed, previous=res,
             )
         except (_NoPlanInTime, _ModelInfeasible) as stop:
             log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)
@@ -1008,6 +1088,7 @@ def _solve_once(
     *,
     exact_heads: bool = False,
     seed: tuple[set[str], set[str]] | None = None,
+    previous: SolveResult | None = None,
 ) -> SolveResult:
     import highspy
 
@@ -1016,7 +1097,7 @@ def _solve_once(
         info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options, exact_heads=exact_heads
     )
     budget = float(budget_bytes)
-    greedy = _greedy(model, budget, seed)
+    greedy = _greedy(model, budget, seed, previous)
     greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
     h, ncols, nrows, nnz = _build_highs(model, budget, minimise_peak=False)
     h.setOptionValue("time_limit", float(time_limit))
@@ -1041,7 +1122,7 @@ def _solve_once(
             log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
             return _solve_once(
                 info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options,
-                exact_heads=exact_heads, seed=seed,
+                exact_heads=exact_heads, seed=seed, previous=previous,
             )
         if status != highspy.HighsModelStatus.kInfeasible:
             raise _NoPlanInTime(status_name)

@@ -260,6 +260,58 @@ def test_greedy_starts_from_stock_and_checkpoints_layers():
     assert layers, "no layer was checkpointed"
 
 
+def test_refit_changes_a_plan_only_where_it_overflows(blocks_graph):
+    """The warm start of a later round: an earlier plan moved under a lower target by a local MILP."""
+    info = _info(blocks_graph)
+    iv = model_intervals(info, window=S._window(info))
+    m = S._Model(info, iv, _unit_costs(info), False)
+    retain_all = m.model_peak(S._greedy(m, math.inf))
+    first = S.solve_plan(info, _unit_costs(info), budget_bytes=int(0.8 * retain_all), time_limit=10, mip_gap=0.0,
+                         share_layers=False)
+    x = m.vector(first.save, first.recompute, first.keep_primals, first.compress)
+    profile = m.memory_profile(x)
+    target = 0.97 * profile.max()
+    y = S._refit(m, x.copy(), target)
+    assert y is not None and m.logical_ok(y)
+    assert m.model_peak(y) <= target
+    # Columns whose memory misses every point over the target keep their value.
+    over = np.flatnonzero(profile > target)
+    touched = {col for col, _, a, b in m.mem_terms if any(a <= k <= b for k in over)}
+    untouched = [k for k in range(m.num_cols) if all(col not in touched for col in _value_cols(m, k))]
+    assert untouched, "the overflow covers every value: the test shows nothing"
+    assert all(x[k] == y[k] for k in untouched if k not in m.pull_cols)
+    # A plan that already fits is returned as it is.
+    assert S._refit(m, x.copy(), profile.max()) is not None
+
+
+def _value_cols(m, k):
+    """Every decision column of the value that column ``k`` belongs to."""
+    for c in m.relevant:
+        cols = [j for j in (m.save_col.get(c), m.rec_col.get(c)) if j is not None]
+        cols += m.comp_col.get(c, {}).values()
+        if k in cols:
+            return cols
+    return [k]
+
+
+def test_repaired_plan_drops_banned_recompute_pairs(blocks_graph):
+    info = _info(blocks_graph)
+    costs = _unit_costs(info)
+    iv = model_intervals(info, window=S._window(info))
+    m = S._Model(info, iv, costs, False)
+    retain_all = m.model_peak(S._greedy(m, math.inf))
+    plan = S.solve_plan(info, costs, budget_bytes=int(0.6 * retain_all), time_limit=10, mip_gap=0.0,
+                        share_layers=False)
+    pairs = [(c, u) for c in plan.recompute for u in c.users if u in plan.recompute and c in m.save_col]
+    assert pairs, "the plan recomputes no chain: the test shows nothing"
+    banned = S._Model(info, iv, costs, False, banned_pairs=pairs[:1])
+    x = S._repaired(banned, plan)
+    assert x is not None and banned.logical_ok(x)
+    c, u = pairs[0]
+    assert not (x[banned.rec_col[c]] > 0.5 and x[banned.rec_col[u]] > 0.5)
+    assert x[banned.save_col[c]] == 1
+
+
 def test_partition_check_rejects_a_deviating_split(mlp_graph):
     info = _info(mlp_graph)
     res = S.solve_plan(info, _unit_costs(info), budget_bytes=10**9, time_limit=10, mip_gap=0.0, share_layers=False)
