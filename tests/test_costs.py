@@ -428,7 +428,11 @@ def test_codec_costs_time_the_path_the_rewrite_emits(tmp_path):
     # as the codec's ops. Both are cached, under separate keys.
     cm = CostModel(profile=True, cache_dir=str(tmp_path))
     shape, cpu = (64, 256), torch.device("cpu")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     fused = cm.codec_cost("int8_token", shape, torch.float32, cpu, fused=True)
+    # Compiled by Inductor directly: no Dynamo frame, whose guard checks
+    # would be timed with every call.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     ops = cm.codec_cost("int8_token", shape, torch.float32, cpu)
     assert fused > 0 and ops > 0
     assert cm.stats["measured"] == 2
