@@ -298,6 +298,31 @@ def test_measures_real_tensors_under_an_active_fake_mode():
     assert result[the(gm, aten.mm.default)] > 0
 
 
+def test_measures_outside_the_python_dispatcher(monkeypatch):
+    # The partitioner runs under AOTAutograd's Python dispatcher, which adds
+    # a fixed cost to every eager op that compiled code never pays.
+    from torch._dispatch.python import enable_python_dispatcher
+
+    from adacc_compiler import costs as costs_mod
+
+    key = torch._C.DispatchKey.PythonDispatcher
+    seen = []
+    timer = costs_mod._time_call
+
+    def spy(fn, device):
+        seen.append(torch._C._dispatch_tls_is_dispatch_key_included(key))
+        return timer(fn, device)
+
+    monkeypatch.setattr(costs_mod, "_time_call", spy)
+    gm = trace(torch.mm, torch.randn(32, 32), torch.randn(32, 32))
+    cm = CostModel(profile=True, cache_dir=None)
+    with enable_python_dispatcher():
+        assert torch._C._dispatch_tls_is_dispatch_key_included(key)
+        cm.node_costs(ops(gm))
+        cm.codec_cost("int8_token", (64, 256), torch.float32, torch.device("cpu"), fused=True)
+    assert seen == [False, False, False]
+
+
 # --------------------------------------------------------------------------- #
 # Disk cache
 # --------------------------------------------------------------------------- #
