@@ -380,7 +380,9 @@ def plan_and_partition(
             excess,
             res.predicted_peak,
         )
-        target = max(1, target - excess)
+        # Below the plan's own model peak: a target between it and the old
+        # one admits the same plan again (it fitted with room to spare).
+        target = max(1, min(target, res.predicted_peak) - excess)
     else:
         raise BudgetExceededError(
             f"adacc: after {_MAX_TIGHTENING_ROUNDS} rounds the best plan for {graph_id} still peaks at "

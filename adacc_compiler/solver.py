@@ -84,8 +84,10 @@ _TIME_UNIT = 1e-3
 # plan every time; bench/bench_solver.py varies it to show how solve times
 # spread with the branch-and-bound path.
 HIGHS_RANDOM_SEED = 0
-# Node limit of the sub-MILP that refits an earlier round's plan (see _refit).
+# Node limit of the sub-MILP that refits an earlier round's plan (see _refit),
+# and its share of a round's time limit.
 _REFIT_NODES = 10
+_REFIT_TIME_SHARE = 0.25
 
 
 __all__ = ["SolveResult", "solve_plan", "InfeasibleBudgetError"]
@@ -531,6 +533,8 @@ def _greedy(
     budget: float,
     seed: tuple[set[str], set[str]] | None = None,
     previous: SolveResult | None = None,
+    *,
+    refit_time_limit: float = math.inf,
 ) -> np.ndarray | None:
     """A plan under ``budget`` if a simple search finds one.
 
@@ -539,9 +543,10 @@ def _greedy(
     single values, or checkpoints whole layers and then recomputes single
     values. ``previous`` is the plan of an earlier round on the same graph
     (which overflowed its own intervals): repaired for this round's bans and
-    moved under the new target by single moves, it is a third start, close to
-    this round's optimum where the first two are not. The cheapest plan that
-    fits wins.
+    refitted under the new target (:func:`_refit`, within
+    ``refit_time_limit`` seconds), it is a third candidate, close to this
+    round's optimum where the first two are not. The cheapest plan that fits
+    wins.
     """
     info = model.info
     boundary = set(info.boundary)
@@ -569,7 +574,7 @@ def _greedy(
     if previous is not None:
         repaired = _repaired(model, previous)
         if repaired is not None:
-            completed = _refit(model, repaired, budget)
+            completed = _refit(model, repaired, budget, time_limit=refit_time_limit)
             if completed is not None:
                 plans.append(completed)
     for plan in plans:
@@ -601,7 +606,7 @@ def _repaired(model: _Model, previous: SolveResult) -> np.ndarray | None:
     return x if _close(model, x) and model.logical_ok(x) else None
 
 
-def _refit(model: _Model, x: np.ndarray, budget: float) -> np.ndarray | None:
+def _refit(model: _Model, x: np.ndarray, budget: float, *, time_limit: float = math.inf) -> np.ndarray | None:
     """``x`` changed only where it overflows ``budget``: a small MILP over the values alive there.
 
     Every decision column whose memory terms miss the points where ``x``
@@ -630,6 +635,8 @@ def _refit(model: _Model, x: np.ndarray, budget: float) -> np.ndarray | None:
         h.changeColsBounds(len(fixed), fixed, x[fixed], x[fixed])
     h.setOptionValue("presolve", "off")
     h.setOptionValue("mip_max_nodes", _REFIT_NODES)
+    if math.isfinite(time_limit):
+        h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 0.01)
     h.setOptionValue("random_seed", HIGHS_RANDOM_SEED)
     h.run()
@@ -1097,7 +1104,7 @@ def _solve_once(
         info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options, exact_heads=exact_heads
     )
     budget = float(budget_bytes)
-    greedy = _greedy(model, budget, seed, previous)
+    greedy = _greedy(model, budget, seed, previous, refit_time_limit=_REFIT_TIME_SHARE * time_limit)
     greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
     h, ncols, nrows, nnz = _build_highs(model, budget, minimise_peak=False)
     h.setOptionValue("time_limit", float(time_limit))
