@@ -88,6 +88,38 @@ def test_absolute_budget_and_measured_costs(tmp_path):
     assert (tmp_path / "cache").exists()
 
 
+def test_overshooting_plan_is_not_planned_again(monkeypatch):
+    """When a plan's exact simulation overshoots, the next round must not return it again.
+
+    The first plan is made to simulate 64 bytes over the budget whenever it
+    comes back; the next target has to sit below that plan's own model peak,
+    or the solver would hand the same plan back round after round.
+    """
+    from adacc_compiler.passes import liveness
+    from adacc_compiler.plan import MemoryTimeline
+
+    torch._dynamo.reset()
+    budget = 2**20
+    real = liveness.simulate
+    calls, seen = [], {}
+
+    def simulate(info, fw, bw):
+        timeline = real(info, fw, bw)
+        calls.append(bw.code)
+        if len(calls) == 1:  # stock Inductor's split
+            return timeline
+        seen.setdefault("first", bw.code)
+        if bw.code != seen["first"]:
+            return timeline
+        shift = budget + 64 - timeline.peak
+        return MemoryTimeline(timeline.labels, timeline.phases, [b + shift for b in timeline.live_bytes])
+
+    monkeypatch.setattr(liveness, "simulate", simulate)
+    result = run_adacc(GPT, _gpt_loss, budget)
+    check(result)
+    assert len(set(calls[1:])) >= 2, "the overshooting plan was the only one tried"
+
+
 def test_infeasible_budget_states_smallest(caplog):
     torch._dynamo.reset()
     model = torch.compile(MLP(), backend="adacc", options={"memory_budget": 0.01, "profile": False})
