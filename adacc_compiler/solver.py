@@ -80,10 +80,10 @@ _DECODE_STEP = 1e-4
 # and which slows its branch and bound.
 _BYTE_UNIT = 1024.0
 _TIME_UNIT = 1e-3
-# HiGHS's random seed for the cost MILP. Fixed so that a graph gets the same
-# plan every time; bench/bench_solver.py varies it to show how solve times
-# spread with the branch-and-bound path.
-HIGHS_RANDOM_SEED = 0
+# HiGHS's random seed for the cost MILP unless solve_plan is given another.
+# Fixed so that a graph gets the same plan every time; bench/bench_solver.py
+# varies it to show how solve times spread with the branch-and-bound path.
+DEFAULT_HIGHS_SEED = 0
 # Node limit of the sub-MILP that refits an earlier round's plan (see _refit),
 # and its share of a round's time limit.
 _REFIT_NODES = 10
@@ -535,6 +535,7 @@ def _greedy(
     previous: SolveResult | None = None,
     *,
     refit_time_limit: float = math.inf,
+    highs_seed: int = DEFAULT_HIGHS_SEED,
 ) -> np.ndarray | None:
     """A plan under ``budget`` if a simple search finds one.
 
@@ -574,7 +575,7 @@ def _greedy(
     if previous is not None:
         repaired = _repaired(model, previous)
         if repaired is not None:
-            completed = _refit(model, repaired, budget, time_limit=refit_time_limit)
+            completed = _refit(model, repaired, budget, time_limit=refit_time_limit, highs_seed=highs_seed)
             if completed is not None:
                 plans.append(completed)
     for plan in plans:
@@ -606,7 +607,9 @@ def _repaired(model: _Model, previous: SolveResult) -> np.ndarray | None:
     return x if _close(model, x) and model.logical_ok(x) else None
 
 
-def _refit(model: _Model, x: np.ndarray, budget: float, *, time_limit: float = math.inf) -> np.ndarray | None:
+def _refit(
+    model: _Model, x: np.ndarray, budget: float, *, time_limit: float = math.inf, highs_seed: int = DEFAULT_HIGHS_SEED
+) -> np.ndarray | None:
     """``x`` changed only where it overflows ``budget``: a small MILP over the values alive there.
 
     Every decision column whose memory terms miss the points where ``x``
@@ -638,7 +641,7 @@ def _refit(model: _Model, x: np.ndarray, budget: float, *, time_limit: float = m
     if math.isfinite(time_limit):
         h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", 0.01)
-    h.setOptionValue("random_seed", HIGHS_RANDOM_SEED)
+    h.setOptionValue("random_seed", int(highs_seed))
     h.run()
     if h.getInfo().primal_solution_status != 2:
         return None
@@ -889,13 +892,15 @@ def solve_plan(
     max_rounds: int = 8,
     codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
     seed: tuple[set[str], set[str]] | None = None,
+    highs_seed: int = DEFAULT_HIGHS_SEED,
 ) -> SolveResult:
     """Choose retain / recompute / compress / drop for every candidate under ``budget_bytes``.
 
     ``codec_options`` lists, per value the backward reads, the codecs it may
     take (with their payload bytes and encode + decode time). ``seed`` names
     the values a known plan saves and recomputes (stock Inductor's partition):
-    the greedy warm start begins there.
+    the greedy warm start begins there. ``highs_seed`` is HiGHS's random
+    seed for the cost MILPs (the smallest-peak search always uses 0).
 
     The MILP's intervals charge recompute chains one link at a time, so a plan
     is then judged on the intervals it implies itself; if that peak overflows,
@@ -917,7 +922,7 @@ def solve_plan(
         try:
             res = _solve_once(
                 info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options, seed=seed,
-                previous=res,
+                previous=res, highs_seed=highs_seed,
             )
         except _NoPlanInTime as stop:
             # The smallest-peak plan below is the answer (or the infeasibility
@@ -992,7 +997,7 @@ def solve_plan(
         try:
             res = _solve_once(
                 info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options,
-                exact_heads=True, seed=seed, previous=res,
+                exact_heads=True, seed=seed, previous=res, highs_seed=highs_seed,
             )
         except (_NoPlanInTime, _ModelInfeasible) as stop:
             log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)
@@ -1096,6 +1101,7 @@ def _solve_once(
     exact_heads: bool = False,
     seed: tuple[set[str], set[str]] | None = None,
     previous: SolveResult | None = None,
+    highs_seed: int = DEFAULT_HIGHS_SEED,
 ) -> SolveResult:
     import highspy
 
@@ -1104,12 +1110,14 @@ def _solve_once(
         info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options, exact_heads=exact_heads
     )
     budget = float(budget_bytes)
-    greedy = _greedy(model, budget, seed, previous, refit_time_limit=_REFIT_TIME_SHARE * time_limit)
+    greedy = _greedy(
+        model, budget, seed, previous, refit_time_limit=_REFIT_TIME_SHARE * time_limit, highs_seed=highs_seed
+    )
     greedy_fits = greedy is not None and model.model_peak(greedy) <= budget
     h, ncols, nrows, nnz = _build_highs(model, budget, minimise_peak=False)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
-    h.setOptionValue("random_seed", HIGHS_RANDOM_SEED)
+    h.setOptionValue("random_seed", int(highs_seed))
     # HiGHS's presolve finds little to remove in these rows and its reductions
     # slow the branch and bound: on a 12-layer Llama joint graph the solves
     # to a 2% gap take 0.4-2.1 s without it against 2.2-2.7 s with it
@@ -1129,7 +1137,7 @@ def _solve_once(
             log.debug("no plan with shared layer decisions (%s); solving per node", status_name)
             return _solve_once(
                 info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options,
-                exact_heads=exact_heads, seed=seed, previous=previous,
+                exact_heads=exact_heads, seed=seed, previous=previous, highs_seed=highs_seed,
             )
         if status != highspy.HighsModelStatus.kInfeasible:
             raise _NoPlanInTime(status_name)

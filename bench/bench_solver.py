@@ -9,9 +9,9 @@ the whole solve (refinement rounds included), the peak the plan implies, and
 the peak of the exact simulation of its partition. Costs come from the
 roofline (``profile=False``, with the fused-value discount the backend
 applies) so the numbers do not depend on timing noise. ``--highs-seeds 0 1 2``
-solves every budget once per HiGHS random seed (adacc itself uses 0): the
-branch and bound takes other paths, and the spread of solve times shows how
-much one figure can be trusted.
+solves every budget once per HiGHS random seed (``solve_plan(highs_seed=...)``;
+adacc uses 0): the branch and bound takes other paths, and the spread of
+solve times shows how much one figure can be trusted.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ def main() -> int:
     from adacc_compiler.passes.classify import analyze_joint_graph
     from adacc_compiler.passes.liveness import partition_choices, simulate
     from adacc_compiler.passes.recompute import partition_with_plan
-    from adacc_compiler import solver
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
 
     model, batch = llama(args.layers)
@@ -72,12 +71,11 @@ def main() -> int:
     print(header)
     seed = partition_choices(info, bw)
     for highs_seed in args.highs_seeds:
-        solver.HIGHS_RANDOM_SEED = highs_seed
         for fraction in args.budgets:
             budget = int(fraction * stock.peak)
             try:
                 res = solve_plan(info, costs, budget_bytes=budget, time_limit=args.time_limit, mip_gap=args.gap,
-                                 share_layers=True, seed=seed)
+                                 share_layers=True, seed=seed, highs_seed=highs_seed)
             except InfeasibleBudgetError as err:
                 print(f"{highs_seed:4d} {fraction:6.2f} infeasible: {err}")
                 rows.append({"highs_seed": highs_seed, "budget": fraction, "status": "infeasible", "error": str(err)})
