@@ -241,8 +241,8 @@ class _Model:
         rows: set[tuple[tuple[tuple[int, float], ...], float, float]] = set()
         infeasible_reasons: list[str] = []
         for c in self.relevant:
-            s, r = self.save_col.get(c), self.rec_col.get(c)
-            ways = [k for k in (s, r, *self.comp_col.get(c, {}).values()) if k is not None]
+            r = self.rec_col.get(c)
+            ways = self.ways(c)
             if len(ways) > 1:
                 rows.add((tuple((k, 1.0) for k in ways), -math.inf, 1.0))
             if c in boundary:
@@ -412,6 +412,11 @@ class _Model:
         """Columns that make ``c`` available to recomputation other than saving it."""
         rec = [self.rec_col[c]] if c in self.rec_col else []
         return rec + list(self.comp_col.get(c, {}).values())
+
+    def ways(self, c: fx.Node) -> list[int]:
+        """Every decision column of ``c``: save, recompute, and one per codec."""
+        save = [self.save_col[c]] if c in self.save_col else []
+        return save + self.sources(c)
 
     def vector(self, save: set, recompute: set, keep: set, compress: dict | None = None) -> np.ndarray:
         x = np.zeros(self.num_cols)
@@ -628,8 +633,7 @@ def _refit(
             free.add(col)
     # A value's columns move together (save one way, recompute or decode another).
     for c in model.relevant:
-        cols = [k for k in (model.save_col.get(c), model.rec_col.get(c)) if k is not None]
-        cols += model.comp_col.get(c, {}).values()
+        cols = model.ways(c)
         if any(k in free for k in cols):
             free.update(cols)
     h, _, _, _ = _build_highs(model, budget, minimise_peak=False)

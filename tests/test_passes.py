@@ -286,12 +286,7 @@ def test_refit_changes_a_plan_only_where_it_overflows(blocks_graph):
 
 def _value_cols(m, k):
     """Every decision column of the value that column ``k`` belongs to."""
-    for c in m.relevant:
-        cols = [j for j in (m.save_col.get(c), m.rec_col.get(c)) if j is not None]
-        cols += m.comp_col.get(c, {}).values()
-        if k in cols:
-            return cols
-    return [k]
+    return next((m.ways(c) for c in m.relevant if k in m.ways(c)), [k])
 
 
 def test_repaired_plan_drops_banned_recompute_pairs(blocks_graph):
