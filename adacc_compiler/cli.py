@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--width", type=int, default=192, help="hidden size (4 query heads, 2 KV heads)")
     t.add_argument("--seq", type=int, default=128, help="sequence length in bytes")
     t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (warm-up, then cosine decay)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (warm-up, then cosine decay)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this before each step (0: no clipping)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("adacc_train_out"), help="output directory")

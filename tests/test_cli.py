@@ -358,3 +358,12 @@ def test_check_refuses_a_baseline_of_another_setup(tmp_path):
     path = bench.save_baseline(tmp_path / "b.json", BASELINE, {"config": {"model": "llama", "layers": 4, "width": 128}})
     code = cli.main(["bench", "--model", "llama", "--layers", "4", "--check", str(path), "--out", str(tmp_path)])
     assert code == 2
+
+
+def test_train_flags_default_to_the_train_config():
+    # `adacc train` with no flags must train what TrainConfig() describes (the
+    # README's main job), not a copy of its defaults that drifted.
+    args = cli.build_parser().parse_args(["train"])
+    default = TrainConfig()
+    for flag in ("budget", "steps", "layers", "width", "seq", "batch", "lr", "grad_clip", "seed", "out"):
+        assert getattr(args, flag) == getattr(default, flag), flag
