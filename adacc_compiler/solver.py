@@ -156,6 +156,7 @@ class _Model:
     ):
         self.info = info
         self.banned_pairs = tuple(banned_pairs)
+        self._input_needs: list | None = None
         codec_options = codec_options or {}
         cand = info.candidates
         is_tensor = {c: isinstance(c.meta.get("val"), torch.Tensor) for c in cand}
@@ -412,6 +413,29 @@ class _Model:
         """Columns that make ``c`` available to recomputation other than saving it."""
         rec = [self.rec_col[c]] if c in self.rec_col else []
         return rec + list(self.comp_col.get(c, {}).values())
+
+    def input_needs(self) -> list[tuple[int, list[tuple[int | None, tuple[int, ...], int | None, int | None]]]]:
+        """Per recomputed value: its column and, per input, how the input is made available.
+
+        Each input is ``(keep, avail, save, recompute)``: the keep column of a
+        kept primal (else None); or the columns any of which make it
+        available, and its save and recompute columns. Built once per model:
+        the greedy closes thousands of trial plans over the same model.
+        """
+        if self._input_needs is None:
+            needs = []
+            for c, r in self.rec_col.items():
+                reqs = []
+                for a in c.all_input_nodes:
+                    if a in self.keep_col:
+                        reqs.append((self.keep_col[a], (), None, None))
+                    elif a in self.save_col or a in self.rec_col or a in self.comp_col:
+                        s = self.save_col.get(a)
+                        avail = tuple(self.sources(a) + ([s] if s is not None else []))
+                        reqs.append((None, avail, s, self.rec_col.get(a)))
+                needs.append((r, reqs))
+            self._input_needs = needs
+        return self._input_needs
 
     def ways(self, c: fx.Node) -> list[int]:
         """Every decision column of ``c``: save, recompute, and one per codec."""
@@ -713,28 +737,28 @@ def _peak_area(model: _Model, x: np.ndarray) -> tuple[float, float]:
 
 def _close(model: _Model, x: np.ndarray) -> bool:
     """Make every recomputed value's inputs available by saving (or recomputing) them."""
+    needs = model.input_needs()
     changed = True
     while changed:
         changed = False
-        for c, r in model.rec_col.items():
+        for r, reqs in needs:
             if x[r] < 0.5:
                 continue
-            for a in c.all_input_nodes:
-                if a in model.keep_col:
-                    if x[model.keep_col[a]] < 0.5:
-                        x[model.keep_col[a]] = 1
+            for keep, avail, s, ra in reqs:
+                if keep is not None:
+                    if x[keep] < 0.5:
+                        x[keep] = 1
                         changed = True
-                elif a in model.save_col or a in model.rec_col or a in model.comp_col:
-                    s, ra = model.save_col.get(a), model.rec_col.get(a)
-                    if any(x[k] > 0.5 for k in model.sources(a) + ([s] if s is not None else [])):
-                        continue
-                    if s is not None and s != r:
-                        x[s] = 1
-                    elif ra is not None and ra != r:
-                        x[ra] = 1
-                    else:
-                        return False
-                    changed = True
+                    continue
+                if any(x[k] > 0.5 for k in avail):
+                    continue
+                if s is not None and s != r:
+                    x[s] = 1
+                elif ra is not None and ra != r:
+                    x[ra] = 1
+                else:
+                    return False
+                changed = True
     return True
 
 
