@@ -139,7 +139,9 @@ _SLOW_ROUND_S = 20e-3
 _CACHE_FILE = "op_costs.json"
 # 2: measured without the Python dispatcher (see _eager), which format 1 timed.
 # 3: the fastest of five rounds, not the median of three.
-_CACHE_FORMAT = 3
+# 4: timed after Inductor's compile workers have started (see
+#    _compile_workers_started); format 3 timed codecs 2-8x too slow.
+_CACHE_FORMAT = 4
 
 # Ops whose schema says "alias of an input" but that copy when a view cannot
 # express the result; each maps to a predicate (node) -> "this one is a view".
@@ -586,6 +588,33 @@ def _eager():
         yield
 
 
+def _compile_workers_started() -> None:
+    """Let Inductor's compile-worker processes finish starting before anything is timed.
+
+    Dynamo starts them (one Python process per compile thread, each importing
+    torch) when a compile begins, which is when adacc measures its costs. On a
+    2-core CPU they hold the cores for a few seconds: a 150 us codec kernel
+    timed in that window measured 15-25 ms a call, and the plan avoided it.
+    Once per process; a no-op where Inductor compiles in-process.
+    """
+    global _workers_waited
+    if _workers_waited:
+        return
+    _workers_waited = True
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        t0 = time.perf_counter()
+        AsyncCompile.warm_pool()
+        AsyncCompile.wait_pool_ready()
+        log.debug("Inductor's compile workers ready after %.2f s", time.perf_counter() - t0)
+    except Exception as e:  # internal API: timings are still taken, only noisier
+        log.debug("could not wait for Inductor's compile workers (%s: %s)", type(e).__name__, e)
+
+
+_workers_waited = False
+
+
 def _time_call(fn: Callable[[], Any], device: torch.device) -> float:
     """Seconds per call of ``fn``: the fastest of a few rounds of back-to-back calls."""
     if device.type == "cuda":
@@ -595,10 +624,15 @@ def _time_call(fn: Callable[[], Any], device: torch.device) -> float:
 
     fn()  # warm-up: lazy init, allocator, kernel selection
     sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    once = time.perf_counter() - t0
+    # The fastest of three single calls sizes the rounds: one call can be
+    # slowed by a transient (another process taking a core for a time slice),
+    # and a slow-looking op is timed in a single round.
+    once = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        once = min(once, time.perf_counter() - t0)
     reps = max(1, min(_MAX_REPS, math.ceil(_ROUND_TARGET_S / max(once, 1e-9))))
     rounds = 1 if once * reps > _SLOW_ROUND_S else _ROUNDS
 
@@ -618,7 +652,7 @@ def _time_call(fn: Callable[[], Any], device: torch.device) -> float:
             for _ in range(reps):
                 fn()
             samples.append((time.perf_counter() - t0) / reps)
-    return min(samples)
+    return min(*samples, once)
 
 
 # --------------------------------------------------------------------------- #
@@ -778,6 +812,7 @@ class CostModel:
         target = node.target
         assert isinstance(target, torch._ops.OpOverload)
         # Real tensors, whatever fake/proxy mode the caller (a partitioner) is under.
+        _compile_workers_started()
         with _eager():
             ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
             with ctx:
@@ -941,6 +976,7 @@ class CostModel:
         if key in self._table:
             self._stats["cache_hits"] += 1
             return self._table[key]
+        _compile_workers_started()
         t0 = time.perf_counter()
         with _eager():
             gen = _generator(self._generators, device)
