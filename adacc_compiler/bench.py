@@ -429,6 +429,17 @@ def machine_description() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     try:
+        # Tracked files changed since that commit: the run's code is not the commit's.
+        changed = subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
+        git_changed = sorted(line[3:] for line in changed if line.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        git_changed = None
+    try:
         import transformers
 
         tf_version = transformers.__version__
@@ -447,6 +458,7 @@ def machine_description() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "git_commit": commit,
+        "git_changed_files": git_changed,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -367,3 +367,12 @@ def test_train_flags_default_to_the_train_config():
     default = TrainConfig()
     for flag in ("budget", "steps", "layers", "width", "seq", "batch", "lr", "grad_clip", "seed", "out"):
         assert getattr(args, flag) == getattr(default, flag), flag
+
+
+def test_machine_description_lists_uncommitted_changes():
+    d = bench.machine_description()
+    if d["git_commit"] is None:
+        assert d["git_changed_files"] is None
+    else:
+        assert isinstance(d["git_changed_files"], list)
+        assert all(isinstance(f, str) and f and not f.startswith(" ") for f in d["git_changed_files"])
