@@ -402,6 +402,16 @@ def prepare_variant(
 # --------------------------------------------------------------------------
 
 
+def _git(*args: str) -> str:
+    """stdout of a git command run in this package's checkout; empty when git cannot tell."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def machine_description() -> dict[str, Any]:
     """Platform, CPU model, cores, library versions, git commit and date."""
     cpu_model = None
@@ -416,29 +426,10 @@ def machine_description() -> dict[str, Any]:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = None
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        # Tracked files changed since that commit: the run's code is not the commit's.
-        changed = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.split("\n")
-        git_changed = sorted(line[3:] for line in changed if line.strip()) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        git_changed = None
+    commit = _git("rev-parse", "HEAD").strip() or None
+    # Tracked files changed since that commit: the run's code is not the commit's.
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    git_changed = sorted(line[3:] for line in status.splitlines() if line.strip()) if commit else None
     try:
         import transformers
 

@@ -50,6 +50,7 @@ import math
 import os
 import sys
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -156,7 +157,6 @@ class _Model:
     ):
         self.info = info
         self.banned_pairs = tuple(banned_pairs)
-        self._input_needs: list | None = None
         codec_options = codec_options or {}
         cand = info.candidates
         is_tensor = {c: isinstance(c.meta.get("val"), torch.Tensor) for c in cand}
@@ -414,28 +414,25 @@ class _Model:
         rec = [self.rec_col[c]] if c in self.rec_col else []
         return rec + list(self.comp_col.get(c, {}).values())
 
+    @functools.cached_property
     def input_needs(self) -> list[tuple[int, list[tuple[int | None, tuple[int, ...], int | None, int | None]]]]:
         """Per recomputed value: its column and, per input, how the input is made available.
 
         Each input is ``(keep, avail, save, recompute)``: the keep column of a
         kept primal (else None); or the columns any of which make it
-        available, and its save and recompute columns. Built once per model:
-        the greedy closes thousands of trial plans over the same model.
+        available (:meth:`ways`), and its save and recompute columns. Built
+        once per model: the greedy closes thousands of trial plans over it.
         """
-        if self._input_needs is None:
-            needs = []
-            for c, r in self.rec_col.items():
-                reqs = []
-                for a in c.all_input_nodes:
-                    if a in self.keep_col:
-                        reqs.append((self.keep_col[a], (), None, None))
-                    elif a in self.save_col or a in self.rec_col or a in self.comp_col:
-                        s = self.save_col.get(a)
-                        avail = tuple(self.sources(a) + ([s] if s is not None else []))
-                        reqs.append((None, avail, s, self.rec_col.get(a)))
-                needs.append((r, reqs))
-            self._input_needs = needs
-        return self._input_needs
+        needs = []
+        for c, r in self.rec_col.items():
+            reqs = []
+            for a in c.all_input_nodes:
+                if a in self.keep_col:
+                    reqs.append((self.keep_col[a], (), None, None))
+                elif a in self.save_col or a in self.rec_col or a in self.comp_col:
+                    reqs.append((None, tuple(self.ways(a)), self.save_col.get(a), self.rec_col.get(a)))
+            needs.append((r, reqs))
+        return needs
 
     def ways(self, c: fx.Node) -> list[int]:
         """Every decision column of ``c``: save, recompute, and one per codec."""
@@ -737,7 +734,7 @@ def _peak_area(model: _Model, x: np.ndarray) -> tuple[float, float]:
 
 def _close(model: _Model, x: np.ndarray) -> bool:
     """Make every recomputed value's inputs available by saving (or recomputing) them."""
-    needs = model.input_needs()
+    needs = model.input_needs
     changed = True
     while changed:
         changed = False
