@@ -284,6 +284,44 @@ def test_refit_changes_a_plan_only_where_it_overflows(blocks_graph):
     assert S._refit(m, x.copy(), profile.max()) is not None
 
 
+def test_peak_rows_restate_the_memory_model(blocks_graph):
+    """The explicit budget rows hold what the running total holds, so they cut no plan off."""
+    import highspy
+
+    info = _info(blocks_graph)
+    iv = model_intervals(info, window=S._window(info))
+    m = S._Model(info, iv, _unit_costs(info), False)
+    retain_all = m.model_peak(S._greedy(m, math.inf))
+    budget = 0.6 * retain_all
+    # Every point's row, on random closed plans, sums to the memory profile there.
+    rows = S._point_rows(m, np.arange(len(m.points)))
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        x = np.zeros(m.num_cols)
+        for c in info.boundary:
+            ways = m.ways(c)
+            x[ways[rng.integers(len(ways))]] = 1
+        for k in m.keep_col.values():
+            x[k] = 1
+        assert S._close(m, x)
+        profile = m.memory_profile(x)
+        assert [sum(v * x[c] for c, v in rows[k].items()) for k in range(len(m.points))] == pytest.approx(profile)
+
+    def optimum(with_rows):
+        h, _, _, _ = S._build_highs(m, budget, minimise_peak=False)
+        h.setOptionValue("presolve", "off")
+        h.setOptionValue("mip_rel_gap", 0.0)
+        added = S._add_peak_rows(h, m, budget) if with_rows else 0
+        h.run()
+        assert h.getModelStatus() == highspy.HighsModelStatus.kOptimal
+        return h.getInfo().objective_function_value, added
+
+    plain, _ = optimum(False)
+    spelled, added = optimum(True)
+    assert added > 0, "the LP relaxation is nowhere at the budget: the test shows nothing"
+    assert spelled == pytest.approx(plain, rel=1e-9)
+
+
 def _value_cols(m, k):
     """Every decision column of the value that column ``k`` belongs to."""
     return next((m.ways(c) for c in m.relevant if k in m.ways(c)), [k])
