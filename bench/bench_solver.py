@@ -8,7 +8,10 @@ the MILP's size, HiGHS's status, objective, bound and gap, the wall time of
 the whole solve (refinement rounds included), the peak the plan implies, and
 the peak of the exact simulation of its partition. Costs come from the
 roofline (``profile=False``, with the fused-value discount the backend
-applies) so the numbers do not depend on timing noise. ``--highs-seeds 0 1 2``
+applies) so the numbers do not depend on timing noise; ``--cost-cache DIR``
+uses the op times the backend measures instead (timed on this machine on
+first use, then read from ``DIR``), with which the MILP's costs are as
+uneven as in a compile. ``--highs-seeds 0 1 2``
 solves every budget once per HiGHS random seed (``solve_plan(highs_seed=...)``;
 adacc uses 0): the branch and bound takes other paths, and the spread of
 solve times shows how much one figure can be trusted.
@@ -19,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -38,6 +39,8 @@ def main() -> int:
     parser.add_argument("--gap", type=float, default=0.02)
     parser.add_argument("--highs-seeds", type=int, nargs="+", default=[0],
                         help="HiGHS random seeds: each budget is solved once per seed (adacc uses 0)")
+    parser.add_argument("--cost-cache", default=None,
+                        help="time the ops as the backend does, cached in this directory (default: roofline costs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -45,6 +48,7 @@ def main() -> int:
     from tests.joint import capture_joint_graphs
 
     from adacc_compiler.backend import stock_partition
+    from adacc_compiler.bench import machine_description
     from adacc_compiler.costs import CostModel
     from adacc_compiler.passes.classify import analyze_joint_graph
     from adacc_compiler.passes.liveness import partition_choices, simulate
@@ -60,7 +64,8 @@ def main() -> int:
     fw, bw = stock_partition(gm, inputs, num_fwd_outputs=kw["num_fwd_outputs"],
                              static_lifetime_input_indices=kw["static_lifetime_input_indices"])
     stock = simulate(info, fw, bw)
-    costs = CostModel(profile=False, cache_dir=None).recompute_costs(
+    cost_model = CostModel(profile=args.cost_cache is not None, cache_dir=args.cost_cache)
+    costs = cost_model.recompute_costs(
         [c for c in info.candidates if c not in info.not_recomputable]
     )
     rows = []
@@ -99,11 +104,11 @@ def main() -> int:
               f"largest gap {100 * max(r['gap'] for r in solved):.2f}%")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        tag = "" if args.highs_seeds == [0] else "_seeds"
+        tag = ("" if args.highs_seeds == [0] else "_seeds") + ("_timed" if args.cost_cache else "")
         path = os.path.join(args.out, f"solver_llama{args.layers}{tag}.json")
         with open(path, "w") as f:
-            json.dump({"layers": args.layers, "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
-                                                          "torch": torch.__version__},
+            json.dump({"layers": args.layers, "machine": machine_description(),
+                       "costs": "timed" if args.cost_cache else "roofline",
                        "stock_peak": stock.peak, "highs_seeds": args.highs_seeds, "rows": rows}, f, indent=2)
         print("wrote", path)
     return 0
