@@ -324,6 +324,36 @@ def test_measures_outside_the_python_dispatcher(monkeypatch):
     assert seen == [False, False, False]
 
 
+def test_prims_ops_are_timed_through_their_aten_counterparts(monkeypatch):
+    """Eager prims run Python references that Inductor's code never pays for."""
+    from adacc_compiler import costs as costs_mod
+
+    prims = torch.ops.prims
+    # The stand-ins compute what the prims ops compute.
+    x = torch.randn(3, 5)
+    convert = costs_mod._timed_callable(prims.convert_element_type.default)
+    assert convert is not prims.convert_element_type.default
+    out = convert(x, torch.bfloat16)
+    assert torch.equal(out, prims.convert_element_type.default(x, torch.bfloat16)) and out.dtype == torch.bfloat16
+    iota_kw = dict(start=3, step=2, dtype=torch.int64, device=torch.device("cpu"), requires_grad=False)
+    iota = costs_mod._timed_callable(prims.iota.default)
+    assert torch.equal(iota(7, **iota_kw), prims.iota.default(7, **iota_kw))
+    assert costs_mod._timed_callable(torch.ops.aten.mul.Tensor) is torch.ops.aten.mul.Tensor
+
+    # A traced prims node is measured through the stand-in.
+    called = []
+
+    def spy(a, dtype):
+        called.append(dtype)
+        return torch.ops.aten._to_copy.default(a, dtype=dtype)
+
+    monkeypatch.setitem(costs_mod._ATEN_COUNTERPARTS, prims.convert_element_type.default, spy)
+    gm = trace(lambda t: prims.convert_element_type.default(t, torch.float64), torch.randn(8, 8))
+    node = the(gm, prims.convert_element_type.default)
+    cost = CostModel(profile=True, cache_dir=None).node_costs([node])[node]
+    assert cost > 0 and called and set(called) == {torch.float64}
+
+
 # --------------------------------------------------------------------------- #
 # Disk cache
 # --------------------------------------------------------------------------- #
