@@ -1,6 +1,6 @@
 """PyTorch's budgeted partitions judged by adacc's own model, next to adacc's plans.
 
-    python bench/bench_pt_plans.py --layers 4 --budgets 0.5 0.3 --cache-dir /tmp/costs
+    python bench/bench_pt_plans.py --layers 4 --budgets 0.5 0.3 --cost-cache /tmp/costs
 
 Captures the joint graph of the benchmark Llama, partitions it with stock
 Inductor's min-cut partitioner under ``activation_memory_budget`` (what the
@@ -15,7 +15,7 @@ Inductor's min-cut partitioner under ``activation_memory_budget`` (what the
 Set against ``adacc bench``'s measured step times for the same variants, it
 shows where the cost model and the machine disagree: a partition whose
 measured overhead is below its modelled cost recomputes things the model
-over-charges. ``--cache-dir`` points at the cost cache a bench run used, so
+over-charges. ``--cost-cache`` points at the cost cache a bench run used, so
 both see the same op timings.
 """
 
@@ -35,33 +35,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3])
-    parser.add_argument("--cache-dir", default=None, help="adacc's op-cost cache (default: time afresh, no cache)")
+    parser.add_argument("--cost-cache", default=None, help="adacc's op-cost cache (default: time afresh, no cache)")
     parser.add_argument("--no-profile", action="store_true", help="roofline op costs instead of timing each op")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
 
     from torch._functorch import config as functorch_config
 
-    from models import llama
-    from tests.joint import capture_joint_graphs
+    from llama_joint import llama_joint
 
-    from adacc_compiler.backend import _copy_graph_module, stock_partition
+    from adacc_compiler.backend import _copy_graph_module
     from adacc_compiler.costs import CostModel
     from adacc_compiler.passes import _torch as tp
-    from adacc_compiler.passes.classify import analyze_joint_graph
     from adacc_compiler.passes.liveness import partition_choices, simulate
     from adacc_compiler.solver import solve_plan
 
-    model, batch = llama(args.layers)
-    (gm, inputs, kw), = capture_joint_graphs(lambda m: m(**batch).loss, model)
-    part_kw = dict(num_fwd_outputs=kw["num_fwd_outputs"],
-                   static_lifetime_input_indices=kw["static_lifetime_input_indices"])
-    info = analyze_joint_graph(gm, **part_kw)
-    fw, bw = stock_partition(gm, inputs, **part_kw)
-    stock = simulate(info, fw, bw)
-    seed = partition_choices(info, bw)
-    cost_model = CostModel(profile=not args.no_profile, cache_dir=args.cache_dir)
-    costs = cost_model.recompute_costs([c for c in info.candidates if c not in info.not_recomputable])
+    joint = llama_joint(args.layers)
+    gm, info, stock, seed = joint.gm, joint.info, joint.stock, joint.seed
+    costs = joint.recompute_costs(CostModel(profile=not args.no_profile, cache_dir=args.cost_cache))
     by_name = {n.name: n for n in gm.graph.nodes}
 
     def adacc_objective(budget: int) -> float:
@@ -76,8 +67,8 @@ def main() -> int:
           f"{'adacc@budget ms':>15} {'adacc@PT peak ms':>16}")
     for fraction in args.budgets:
         with functorch_config.patch(activation_memory_budget=fraction):
-            pfw, pbw = tp.min_cut_rematerialization_partition(_copy_graph_module(gm), inputs, compiler="inductor",
-                                                              **part_kw)
+            pfw, pbw = tp.min_cut_rematerialization_partition(_copy_graph_module(gm), joint.inputs,
+                                                              compiler="inductor", **joint.partition_kwargs)
         tl = simulate(info, pfw, pbw)
         _, recomputed = partition_choices(info, pbw)
         pt_cost = sum(costs.get(by_name[n], 0.0) for n in recomputed if n in by_name)

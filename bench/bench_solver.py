@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,37 +43,23 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from models import llama
-    from tests.joint import capture_joint_graphs
+    from llama_joint import llama_joint
 
-    from adacc_compiler.backend import stock_partition
     from adacc_compiler.bench import machine_description
     from adacc_compiler.costs import CostModel
-    from adacc_compiler.passes.classify import analyze_joint_graph
-    from adacc_compiler.passes.liveness import partition_choices, simulate
+    from adacc_compiler.passes.liveness import simulate
     from adacc_compiler.passes.recompute import partition_with_plan
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
 
-    model, batch = llama(args.layers)
-    t0 = time.perf_counter()
-    (gm, inputs, kw), = capture_joint_graphs(lambda m: m(**batch).loss, model)
-    capture_s = time.perf_counter() - t0
-    info = analyze_joint_graph(gm, num_fwd_outputs=kw["num_fwd_outputs"],
-                               static_lifetime_input_indices=kw["static_lifetime_input_indices"])
-    fw, bw = stock_partition(gm, inputs, num_fwd_outputs=kw["num_fwd_outputs"],
-                             static_lifetime_input_indices=kw["static_lifetime_input_indices"])
-    stock = simulate(info, fw, bw)
-    cost_model = CostModel(profile=args.cost_cache is not None, cache_dir=args.cost_cache)
-    costs = cost_model.recompute_costs(
-        [c for c in info.candidates if c not in info.not_recomputable]
-    )
+    joint = llama_joint(args.layers)
+    gm, info, stock, seed = joint.gm, joint.info, joint.stock, joint.seed
+    costs = joint.recompute_costs(CostModel(profile=args.cost_cache is not None, cache_dir=args.cost_cache))
     rows = []
     print(f"llama {args.layers} layers: {len(gm.graph.nodes)} joint nodes, {len(info.fw_nodes)} forward, "
           f"{len(info.bw_nodes)} backward, {len(info.candidates)} candidates, {info.num_layers} repeated layers "
-          f"of {info.layer_period} nodes; stock peak {stock.peak / 2**20:.2f} MiB (capture {capture_s:.0f} s)")
+          f"of {info.layer_period} nodes; stock peak {stock.peak / 2**20:.2f} MiB (capture {joint.capture_s:.0f} s)")
     header = f"{'seed':>4} {'budget':>6} {'status':>18} {'cols':>6} {'rows':>6} {'nnz':>7} {'shared':>6} {'gap':>7} {'solve s':>8} {'plan peak':>10} {'sim peak':>9} {'warm':>5}"
     print(header)
-    seed = partition_choices(info, bw)
     for highs_seed in args.highs_seeds:
         for fraction in args.budgets:
             budget = int(fraction * stock.peak)
