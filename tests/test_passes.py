@@ -445,3 +445,32 @@ def test_fused_pointwise_values_hold_no_memory_when_recomputed():
     assert tl.peak <= stored
     iv = model_intervals(info, recompute)
     assert all(iv.bytes_recomputed[c] == 0 for c in recompute if fuses_into_users(c))
+
+
+def test_solve_plan_pauses_the_cyclic_gc_and_restores_it(blocks_graph, monkeypatch):
+    import gc
+
+    info = _info(blocks_graph)
+    seen = []
+    real = S._solve_once
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "_solve_once", spy)
+    was = gc.isenabled()
+    try:
+        for state in (True, False):
+            (gc.enable if state else gc.disable)()
+            S.solve_plan(info, _unit_costs(info), budget_bytes=10**12, time_limit=10, mip_gap=0.0,
+                         share_layers=False)
+            assert gc.isenabled() is state
+            # An infeasible budget raises through the pause and still restores it.
+            with pytest.raises(S.InfeasibleBudgetError):
+                S.solve_plan(info, _unit_costs(info), budget_bytes=1000, time_limit=10, mip_gap=0.0,
+                             share_layers=False)
+            assert gc.isenabled() is state
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen and not any(seen)
