@@ -977,6 +977,7 @@ def _cyclic_gc_paused():
             gc.enable()
 
 
+@_cyclic_gc_paused()
 def solve_plan(
     info: JointGraphInfo,
     costs: dict[fx.Node, float],
@@ -1004,27 +1005,6 @@ def solve_plan(
     no round fits, the smallest-peak plan is used if it fits; otherwise the
     budget is infeasible and the error states the smallest peak reached.
     """
-    with _cyclic_gc_paused():
-        return _solve_plan(
-            info, costs, budget_bytes=budget_bytes, time_limit=time_limit, mip_gap=mip_gap,
-            share_layers=share_layers, max_rounds=max_rounds, codec_options=codec_options, seed=seed,
-            highs_seed=highs_seed,
-        )
-
-
-def _solve_plan(
-    info: JointGraphInfo,
-    costs: dict[fx.Node, float],
-    *,
-    budget_bytes: int,
-    time_limit: float,
-    mip_gap: float,
-    share_layers: bool,
-    max_rounds: int,
-    codec_options: dict[fx.Node, Sequence[CodecOption]] | None,
-    seed: tuple[set[str], set[str]] | None,
-    highs_seed: int,
-) -> SolveResult:
     t0 = time.perf_counter()
     iv = model_intervals(info, window=_window(info))
     target = budget_bytes
