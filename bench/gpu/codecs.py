@@ -188,15 +188,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, commit {meta.get('git_commit')}, {meta['date']}. "
         "GB/s counts input + payload bytes (compress) or payload + output bytes (decompress); "
-        "`of copy` is that over `y.copy_(x)` on the same tensor, median of in-round ratios.",
+        "`of copy` is that over `y.copy_(x)` on the same tensor, median of in-round ratios. "
+        "Device time of calls queued behind a GPU sleep, L2 flushed before each (`bench/bench_codecs.py`); "
+        "`host us` is the wall time to issue one call.",
         "",
-        "| codec | dtype | elements | ratio | compress GB/s | of copy | decompress GB/s | of copy | copy GB/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| codec | dtype | elements | ratio | compress GB/s | of copy | decompress GB/s | of copy | copy GB/s "
+        "| compress host us | decompress host us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['codec']} | {r['dtype']} | {r['numel'] / 2**20:.0f}M | {r['ratio']} | {r['compress_gbps']} | "
-            f"{r['compress_of_copy']:.2f} | {r['decompress_gbps']} | {r['decompress_of_copy']:.2f} | {r['copy_gbps']} |"
+            f"{r['compress_of_copy']:.2f} | {r['decompress_gbps']} | {r['decompress_of_copy']:.2f} | {r['copy_gbps']} "
+            f"| {r['compress_host_us']} | {r['decompress_host_us']} |"
         )
     return "\n".join(lines) + "\n"
 
