@@ -32,7 +32,9 @@ from adacc_compiler.passes import _torch as tp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JointGraphInfo", "analyze_joint_graph", "tensor_nbytes", "detect_layers", "storage_key", "draws_random"]
+__all__ = [
+    "JointGraphInfo", "analyze_joint_graph", "tensor_nbytes", "detect_layers", "storage_key", "is_alias", "draws_random",
+]
 
 
 def tensor_nbytes(val: object) -> int:
@@ -45,8 +47,37 @@ def tensor_nbytes(val: object) -> int:
     return int(numel) * val.dtype.itemsize
 
 
+def is_alias(node: fx.Node) -> bool:
+    """True for ops whose output shares its input's storage (views)."""
+    target = node.target
+    if target is torch.ops.aten._unsafe_view.default:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in target._schema.returns)
+    return False
+
+
+def _view_base(node: fx.Node) -> fx.Node:
+    """The node whose storage a chain of single-output views ends in."""
+    while node.op == "call_function" and is_alias(node) and node.args and isinstance(node.meta.get("val"), torch.Tensor):
+        base = node.args[0]
+        if not isinstance(base, fx.Node) or not isinstance(base.meta.get("val"), torch.Tensor):
+            break
+        node = base
+    return node
+
+
 def storage_key(node: fx.Node) -> object:
-    """Identity of the storage a node's value lives in (views share their base's)."""
+    """Identity of the storage a node's value lives in (views share their base's).
+
+    A view is keyed by the node its view chain starts from, not by its fake
+    value's storage: a decomposition that replaces a node gives it a fresh
+    fake value, and the views traced from the old one keep the old storage
+    (in a Llama joint graph, the ``expand`` feeding attention's second
+    ``bmm`` looked like a 1 MiB storage of its own beside the softmax it
+    views).
+    """
+    node = _view_base(node)
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         try:

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from adacc_compiler.passes import _torch as tp
-from adacc_compiler.passes.classify import JointGraphInfo, storage_key, tensor_nbytes
+from adacc_compiler.passes.classify import JointGraphInfo, is_alias, storage_key, tensor_nbytes
 from adacc_compiler.plan import MemoryTimeline
 
 __all__ = [
@@ -264,16 +264,6 @@ def fuses_into_users(node: fx.Node) -> bool:
 
     users = list(node.users)
     return 0 < len(users) <= inductor_config.realize_reads_threshold and all(_fusible_reader(u) for u in users)
-
-
-def is_alias(node: fx.Node) -> bool:
-    """True for ops whose output shares its input's storage (views)."""
-    target = node.target
-    if target is torch.ops.aten._unsafe_view.default:
-        return True
-    if isinstance(target, torch._ops.OpOverload):
-        return any(r.alias_info is not None for r in target._schema.returns)
-    return False
 
 
 @dataclass

@@ -474,3 +474,54 @@ def test_solve_plan_pauses_the_cyclic_gc_and_restores_it(blocks_graph, monkeypat
     finally:
         (gc.enable if was else gc.disable)()
     assert seen and not any(seen)
+
+
+def test_a_view_shares_its_base_storage_even_when_the_base_got_a_new_fake_value():
+    """A decomposition gives the node it rewrites a fresh fake value; views traced from the old one stay views."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from adacc_compiler.passes.classify import storage_key
+
+    def f(x):
+        y = torch.exp(x)
+        return y.expand(2, 4, 8).reshape(8, 8).permute(1, 0), y
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(2, 4, 8))
+    exp = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.exp.default)
+    views = [n for n in gm.graph.nodes if n.op == "call_function" and n is not exp]
+    assert views and all(storage_key(v) == storage_key(exp) for v in views)
+    # What a rewrite leaves: the base's value replaced, the views' values not.
+    old = exp.meta["val"]
+    exp.meta["val"] = torch.empty_like(old)
+    assert old.untyped_storage() is not exp.meta["val"].untyped_storage()
+    assert all(storage_key(v) == storage_key(exp) for v in views)
+    # A value that is not a view keeps its own storage.
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert storage_key(x) != storage_key(exp)
+
+
+def test_an_overflowing_plan_refitted_on_its_own_intervals_fits_them(blocks_graph):
+    info = _info(blocks_graph)
+    costs = _unit_costs(info)
+    _, _, stock = _stock(blocks_graph)
+    # A plan made for 0.6 of stock's peak, refitted under 0.55 (the same
+    # situation as a plan that overflows its own intervals by that much).
+    budget = int(0.55 * stock.peak)
+    iv = model_intervals(info, window=S._window(info))
+    first = S._solve_once(info, iv, costs, int(0.6 * stock.peak), 10, 0.0, False, [], None)
+    own_iv = model_intervals(info, first.recompute)
+    own = S._Model(info, own_iv, costs, False)
+    x = own.vector(first.save, first.recompute, first.keep_primals, first.compress)
+    assert own.model_peak(x) > budget, "the plan must overflow for the test to show anything"
+    refitted = S._refit_on_own_intervals(info, own, x, first, costs, budget, None, time_limit=10, highs_seed=0)
+    assert refitted is not None
+    assert refitted.predicted_peak <= budget
+    assert refitted.predicted_peak == S.own_peak(
+        info, costs, refitted.save, refitted.recompute, refitted.keep_primals, refitted.compress
+    )
+    # Its partition's exact simulation agrees with its own intervals.
+    fw, bw = partition_with_plan(info, save=refitted.save, recompute=refitted.recompute,
+                                 keep_primals=refitted.keep_primals)
+    assert simulate(info, fw, bw).peak <= budget * 1.02
+    assert refitted.objective_s >= first.objective_s - 1e-12
+    assert "refitted" in refitted.fallback
