@@ -406,6 +406,10 @@ def roofline_seconds(node: torch.fx.Node, *, device_kind: str) -> float:
     return flops / spec.peak_flops(_compute_dtype(node)) + node_bytes(node) / spec.bandwidth + spec.overhead_s
 
 
+# Elements of the two kernels timed for CostModel.bool_read_seconds: large
+# enough that the kernels, not the calls, dominate (256K: ~40-120 us on 2 CPU cores).
+_BOOL_READ_ELEMENTS = 1 << 18
+
 # Share of a fused op's measured time charged however little traffic the
 # roofline leaves it: the bandwidth constants are rough.
 _FUSED_FLOOR = 0.1
@@ -421,6 +425,23 @@ def fused_recompute_seconds(node: torch.fx.Node, measured_s: float, *, device_ki
     """
     spec = DEVICE_SPECS.get(device_kind, DEVICE_SPECS["cuda"])
     return max(measured_s - node_bytes(node) / spec.bandwidth, _FUSED_FLOOR * measured_s)
+
+
+def bool_inputs_and_inlined_elements(node: torch.fx.Node) -> tuple[int, int]:
+    """Bool tensors ``node`` reads, and the elements of the kernels that inline it.
+
+    A recomputed value Inductor inlines is evaluated once per element of each
+    reader's kernel, so a mask broadcast into attention scores is read over
+    every head: the second figure sums the readers' output elements.
+    """
+    bools = 0
+    for v in _input_vals(node):
+        bools += sum(1 for t in _tensors_in(v) if t.dtype == torch.bool)
+    elements = 0
+    for user in node.users:
+        for t in _tensors_in(_val(user)):
+            elements += math.prod(_tensor_geometry(t, fallback=_UNBACKED_FALLBACK)[0])
+    return bools, elements
 
 
 # --------------------------------------------------------------------------- #
@@ -894,8 +915,59 @@ class CostModel:
         fused = [c for c in nodes if fuses_into_users(c)]
         for c in fused:
             costs[c] = fused_recompute_seconds(c, costs[c], device_kind=self.device_kind(c))
+            bools, elements = bool_inputs_and_inlined_elements(c)
+            if bools:
+                # Its readers' kernels load the bool input(s) element by element.
+                costs[c] += bools * elements * self.bool_read_seconds(self._measure_device(c))
         log.debug("adacc: %d of %d recomputable values fuse into their readers", len(fused), len(nodes))
         return costs
+
+    def bool_read_seconds(self, device: torch.device) -> float:
+        """Extra seconds per element when an Inductor kernel reads a bool tensor instead of a float one.
+
+        Inductor's vectorised CPU kernels load a bool operand through a
+        per-element mask conversion: on a 2-core x86 CPU, ``x * c + where(m, 0,
+        -inf)`` over 256K float32 elements ran 122 us with a saved bool ``m``
+        against 43 us with the float mask saved instead, and a softmax over
+        attention scores reading the mask 387 against 119 us. A recomputed value
+        that reads a bool and is inlined (the float attention mask built from a
+        saved bool) pays that in every kernel it lands in. Measured once per
+        device (cached) with two pointwise kernels compiled by Inductor; 0 when
+        profiling is off or the device cannot be measured.
+        """
+        device = self.device if self.device is not None else torch.device(device)
+        if not self.profile or not _device_usable(device):
+            return 0.0
+        key = f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|bool read per element"
+        if key in self._table:
+            return self._table[key]
+        _compile_workers_started()
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        n = _BOOL_READ_ELEMENTS
+        t0 = time.perf_counter()
+        with _eager():
+            gen = _generator(self._generators, device)
+            x = torch.randn(n, generator=gen, device=device)
+            mask = torch.rand(n, generator=gen, device=device) > 0.5
+            floats = torch.where(mask, 0.0, -1.0)
+
+            def with_bool(a, m):
+                return a * 0.5 + torch.where(m, 0.0, -1.0)
+
+            def with_float(a, f):
+                return a * 0.5 + f
+
+            read_bool = torch._inductor.compile(make_fx(with_bool)(x, mask), [x, mask])
+            read_float = torch._inductor.compile(make_fx(with_float)(x, floats), [x, floats])
+            extra = _time_call(lambda: read_bool(x, mask), device) - _time_call(lambda: read_float(x, floats), device)
+        seconds = max(0.0, extra) / n
+        self._stats["measure_seconds"] += time.perf_counter() - t0
+        self._stats["measured"] += 1
+        self._table[key] = seconds
+        self._save()
+        log.debug("adacc: a bool operand costs %.3g ns per element on %s", seconds * 1e9, device)
+        return seconds
 
     def node_costs(self, nodes: Iterable[torch.fx.Node]) -> dict[torch.fx.Node, float]:
         """Seconds to compute each node once. Nodes with the same key are measured once."""

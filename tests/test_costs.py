@@ -530,6 +530,46 @@ def test_recompute_costs_discount_only_values_that_fuse():
     assert rec[exp] < plain[exp]
 
 
+def _mask_then_scores(scores, mask):
+    # A float mask built from a bool and read by scores over every head.
+    m = torch.where(mask, 0.0, -1e9)
+    return scores * 0.125 + m, scores.sum(-1, keepdim=True) + m
+
+
+def test_bool_inputs_and_inlined_elements_count_the_readers_kernels():
+    gm = trace(_mask_then_scores, torch.randn(2, 4, 8, 8), torch.rand(2, 1, 8, 8) > 0.5)
+    where = the(gm, aten.where.self)
+    # Two readers: the (2, 4, 8, 8) scores and the (2, 4, 8, 8) broadcast sum.
+    assert costs.bool_inputs_and_inlined_elements(where) == (1, 2 * 2 * 4 * 8 * 8)
+    (mul,) = ops(gm, aten.mul.Tensor)
+    assert costs.bool_inputs_and_inlined_elements(mul)[0] == 0
+
+
+def test_a_fused_value_reading_a_bool_is_charged_per_inlined_element(monkeypatch):
+    gm = trace(_mask_then_scores, torch.randn(2, 4, 8, 8), torch.rand(2, 1, 8, 8) > 0.5)
+    where = the(gm, aten.where.self)
+    (mul,) = ops(gm, aten.mul.Tensor)
+    cm = CostModel(profile=False, cache_dir=None)
+    monkeypatch.setattr(CostModel, "bool_read_seconds", lambda self, device: 1e-9)
+    plain = cm.node_costs([where, mul])
+    rec = cm.recompute_costs([where, mul])
+    fused_where = costs.fused_recompute_seconds(where, plain[where], device_kind="cpu")
+    assert rec[where] == pytest.approx(fused_where + 2 * 2 * 4 * 8 * 8 * 1e-9)
+    assert rec[mul] == pytest.approx(costs.fused_recompute_seconds(mul, plain[mul], device_kind="cpu"))
+
+
+def test_bool_read_seconds_is_measured_once_and_cached(tmp_path):
+    assert CostModel(profile=False, cache_dir=None).bool_read_seconds(torch.device("cpu")) == 0.0
+    cm = CostModel(profile=True, cache_dir=tmp_path)
+    first = cm.bool_read_seconds(torch.device("cpu"))
+    assert first >= 0.0
+    assert cm.stats["measured"] == 1
+    # A second model on the same cache reads it back instead of timing again.
+    again = CostModel(profile=True, cache_dir=tmp_path)
+    assert again.bool_read_seconds(torch.device("cpu")) == first
+    assert again.stats["measured"] == 0
+
+
 def test_a_transient_slow_call_does_not_become_the_cost():
     # Calls 2-3 (right after the warm-up) are slowed, as when another process
     # holds a core for a time slice; the op itself is fast. Sizing the rounds
