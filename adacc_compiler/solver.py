@@ -1015,6 +1015,10 @@ def solve_plan(
     # The model's intervals, with the heads and tails plans showed (see below).
     learning = dataclasses.replace(iv, need=dict(iv.need), last_recomputed=dict(iv.last_recomputed))
     last_bans = 0
+    # The cheapest overflowing round's plan repaired where it overflows (on
+    # its own intervals): what learning makes conservative everywhere, this
+    # changes only where the plan overflowed.
+    refitted: SolveResult | None = None
     for _ in range(max_rounds):
         try:
             res = _solve_once(
@@ -1046,14 +1050,28 @@ def solve_plan(
             continue
         own_iv = model_intervals(info, res.recompute)
         own = _Model(info, own_iv, costs, False, codec_options=codec_options)
-        profile = own.memory_profile(own.vector(res.save, res.recompute, res.keep_primals, res.compress))
+        x_own = own.vector(res.save, res.recompute, res.keep_primals, res.compress)
+        profile = own.memory_profile(x_own)
         res.predicted_peak = int(profile.max(initial=0.0))
         log.debug("MILP target %d: own-interval peak %d (budget %d)", target, res.predicted_peak, budget_bytes)
         if res.predicted_peak <= budget_bytes:
+            res = _cheaper(res, refitted)
             res.time_s = time.perf_counter() - t0
             return res
         if closest is None or res.predicted_peak < closest.predicted_peak:
             closest = res
+        refitted = _cheaper(
+            refitted,
+            _refit_on_own_intervals(
+                info, own, x_own, res, costs, budget_bytes, codec_options,
+                time_limit=_REFIT_TIME_SHARE * time_limit, highs_seed=highs_seed,
+            ),
+        )
+        if refitted is not None and refitted.gap <= mip_gap:
+            # Within the gap of this round's bound: no later round, whose
+            # learned intervals only charge more, can do better by more.
+            refitted.time_s = time.perf_counter() - t0
+            return refitted
         # Learn from the plan: a value it recomputes is charged from then on
         # with the head (and tail) its own intervals showed, which a chain of
         # pulls may have moved past what the windowed model assumed. Lower the
@@ -1109,9 +1127,13 @@ def solve_plan(
             budget_bytes,
         )
         if res.predicted_peak <= budget_bytes:
+            res = _cheaper(res, refitted)
             res.time_s = time.perf_counter() - t0
             return res
         target = min(target, model_peak) - (res.predicted_peak - budget_bytes)
+    if refitted is not None:
+        refitted.time_s = time.perf_counter() - t0
+        return refitted
     # Fall back to the smallest-peak plan: from the exact-head model or from
     # the MILP's own model, whichever peaks lower on its own intervals.
     best = None
@@ -1162,6 +1184,57 @@ def solve_plan(
             plan=plan,
         )
     return plan
+
+
+def _cheaper(a: SolveResult | None, b: SolveResult | None) -> SolveResult | None:
+    """The plan with the smaller objective (``a`` on a tie); ``None`` only if both are."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return b if b.objective_s < a.objective_s else a
+
+
+def _refit_on_own_intervals(
+    info: JointGraphInfo,
+    own: _Model,
+    x: np.ndarray,
+    res: SolveResult,
+    costs,
+    budget_bytes: int,
+    codec_options,
+    *,
+    time_limit: float,
+    highs_seed: int,
+) -> SolveResult | None:
+    """``res`` (overflowing its own intervals ``own``) refitted where it overflows, if that fits.
+
+    :func:`_refit` frees only the columns alive where the plan peaks over the
+    budget. The refitted plan implies intervals of its own again, so it
+    counts only if it fits on those.
+    """
+    y = _refit(own, x, float(budget_bytes), time_limit=time_limit, highs_seed=highs_seed)
+    if y is None:
+        return None
+    save, recompute, keep, compress = own.decisions(y)
+    peak = own_peak(info, costs, save, recompute, keep, compress, codec_options)
+    objective = float(np.dot(own.col_cost, y))
+    log.debug("refit of an overflowing plan: own-interval peak %d, %.3f ms", peak, objective * 1e3)
+    if peak > budget_bytes:
+        return None
+    bound = res.bound_s if math.isfinite(res.bound_s) else float("nan")
+    gap = (objective - bound) / objective if objective > 0 and math.isfinite(bound) else float("inf")
+    return dataclasses.replace(
+        res,
+        save=save,
+        recompute=recompute,
+        keep_primals=keep,
+        compress=compress,
+        objective_s=objective,
+        gap=max(0.0, gap),
+        fallback="a round's plan refitted where it overflowed its own intervals",
+        predicted_peak=peak,
+    )
 
 
 class _ModelInfeasible(Exception):
