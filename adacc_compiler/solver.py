@@ -1072,12 +1072,18 @@ def solve_plan(
             # learned intervals only charge more, can do better by more.
             refitted.time_s = time.perf_counter() - t0
             return refitted
-        # Learn from the plan: a value it recomputes is charged from then on
-        # with the head (and tail) its own intervals showed, which a chain of
-        # pulls may have moved past what the windowed model assumed. Lower the
+        # Learn from the plan: a value it recomputes whose own interval covers
+        # a point where the plan overflows is charged from then on with the
+        # head (and tail) that interval showed, which a chain of pulls may
+        # have moved past what the windowed model assumed. Intervals that
+        # grew where the plan fits cost nothing and are not learned: charged
+        # everywhere, they made the later rounds' plans dearer. Lower the
         # target only when there is nothing left to learn.
         learned = 0
+        over = [own.points[k] for k in range(len(own.points)) if profile[k] > budget_bytes]
         for c in res.recompute:
+            if not any(own_iv.need[c] <= t <= own_iv.last_recomputed[c] for t in over):
+                continue
             if own_iv.need[c] < learning.need[c] - _PULL_EPS:
                 learning.need[c] = own_iv.need[c]
                 learned += 1
