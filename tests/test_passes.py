@@ -525,3 +525,35 @@ def test_an_overflowing_plan_refitted_on_its_own_intervals_fits_them(blocks_grap
     assert simulate(info, fw, bw).peak <= budget * 1.02
     assert refitted.objective_s >= first.objective_s - 1e-12
     assert "refitted" in refitted.fallback
+
+
+def test_learning_moves_only_intervals_that_cover_an_overflow_point(blocks_graph):
+    import dataclasses
+
+    info = _info(blocks_graph)
+    costs = _unit_costs(info)
+    _, _, stock = _stock(blocks_graph)
+    iv = model_intervals(info, window=S._window(info))
+    plan = S._solve_once(info, iv, costs, int(0.5 * stock.peak), 10, 0.0, False, [], None)
+    own = model_intervals(info, plan.recompute)
+    # Values whose own interval reaches past the model's, i.e. that could be learned.
+    grown = [c for c in plan.recompute
+             if own.need[c] < iv.need[c] - S._PULL_EPS or own.last_recomputed[c] > iv.last_recomputed[c]]
+    assert len(grown) >= 2, "the plan must grow some intervals for the test to show anything"
+    # An overflow point inside the first grown interval and outside another one.
+    first = grown[0]
+    point = own.need[first]
+    outside = [c for c in grown if not own.need[c] <= point <= own.last_recomputed[c]]
+    assert outside, "every grown interval covers the point: the test shows nothing"
+
+    def fresh():
+        return dataclasses.replace(iv, need=dict(iv.need), last_recomputed=dict(iv.last_recomputed))
+
+    learning = fresh()
+    moved = S._learn_overflowing_intervals(learning, own, plan.recompute, [point])
+    assert moved >= 1
+    assert learning.need[first] == min(iv.need[first], own.need[first])
+    for c in outside:
+        assert learning.need[c] == iv.need[c] and learning.last_recomputed[c] == iv.last_recomputed[c]
+    # The model's own intervals are untouched, and nothing is learned without an overflow.
+    assert S._learn_overflowing_intervals(fresh(), own, plan.recompute, []) == 0
