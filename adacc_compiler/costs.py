@@ -593,6 +593,13 @@ def _reference_codec(codec: Any, shape: Sequence[int], dtype: torch.dtype) -> tu
     return encode, decode
 
 
+def _inductor_compiled(fn: Callable[..., Any], *example: torch.Tensor) -> Callable[..., Any]:
+    """``fn`` traced on ``example`` and compiled by Inductor directly (no Dynamo guards on each call)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return torch._inductor.compile(make_fx(fn)(*example), list(example))
+
+
 def _iota_as_arange(length, *, start, step, dtype, device, requires_grad):
     return torch.ops.aten.arange.start_step(start, start + length * step, step, dtype=dtype, device=device)
 
@@ -939,35 +946,21 @@ class CostModel:
         if not self.profile or not _device_usable(device):
             return 0.0
         key = f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|bool read per element"
-        if key in self._table:
-            return self._table[key]
-        _compile_workers_started()
-        from torch.fx.experimental.proxy_tensor import make_fx
 
-        n = _BOOL_READ_ELEMENTS
-        t0 = time.perf_counter()
-        with _eager():
+        def measure() -> float:
+            n = _BOOL_READ_ELEMENTS
             gen = _generator(self._generators, device)
             x = torch.randn(n, generator=gen, device=device)
             mask = torch.rand(n, generator=gen, device=device) > 0.5
             floats = torch.where(mask, 0.0, -1.0)
-
-            def with_bool(a, m):
-                return a * 0.5 + torch.where(m, 0.0, -1.0)
-
-            def with_float(a, f):
-                return a * 0.5 + f
-
-            read_bool = torch._inductor.compile(make_fx(with_bool)(x, mask), [x, mask])
-            read_float = torch._inductor.compile(make_fx(with_float)(x, floats), [x, floats])
+            read_bool = _inductor_compiled(lambda a, m: a * 0.5 + torch.where(m, 0.0, -1.0), x, mask)
+            read_float = _inductor_compiled(lambda a, f: a * 0.5 + f, x, floats)
             extra = _time_call(lambda: read_bool(x, mask), device) - _time_call(lambda: read_float(x, floats), device)
-        seconds = max(0.0, extra) / n
-        self._stats["measure_seconds"] += time.perf_counter() - t0
-        self._stats["measured"] += 1
-        self._table[key] = seconds
-        self._save()
-        log.debug("adacc: a bool operand costs %.3g ns per element on %s", seconds * 1e9, device)
-        return seconds
+            seconds = max(0.0, extra) / n
+            log.debug("adacc: a bool operand costs %.3g ns per element on %s", seconds * 1e9, device)
+            return seconds
+
+        return self._cached_measurement(key, measure)
 
     def node_costs(self, nodes: Iterable[torch.fx.Node]) -> dict[torch.fx.Node, float]:
         """Seconds to compute each node once. Nodes with the same key are measured once."""
@@ -1071,29 +1064,35 @@ class CostModel:
             f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|codec {codec_name} {path}|"
             f"{tuple(shape)}|{dtype}"
         )
-        if key in self._table:
-            self._stats["cache_hits"] += 1
-            return self._table[key]
-        _compile_workers_started()
-        t0 = time.perf_counter()
-        with _eager():
+
+        def measure() -> float:
             gen = _generator(self._generators, device)
             if dtype == torch.bool:
                 x = torch.rand(shape, generator=gen, device=device) > 0.5
             else:
                 x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
             if fused:
-                from torch.fx.experimental.proxy_tensor import make_fx
-
                 ref_encode, ref_decode = _reference_codec(codec, shape, dtype)
-                encode = torch._inductor.compile(make_fx(ref_encode)(x), [x])
+                encode = _inductor_compiled(ref_encode, x)
                 out = tuple(encode(x))
-                decode = torch._inductor.compile(make_fx(ref_decode)(*out), list(out))
+                decode = _inductor_compiled(ref_decode, *out)
             else:
                 encode = codec.compress_op
                 decode = lambda *p: codec.decompress_op(*p, list(shape), dtype)  # noqa: E731
                 out = encode(x)
-            seconds = _time_call(lambda: encode(x), device) + _time_call(lambda: decode(*out), device)
+            return _time_call(lambda: encode(x), device) + _time_call(lambda: decode(*out), device)
+
+        return self._cached_measurement(key, measure)
+
+    def _cached_measurement(self, key: str, measure: Callable[[], float]) -> float:
+        """``measure()`` (run in plain eager mode once Inductor's workers are up), cached under ``key``."""
+        if key in self._table:
+            self._stats["cache_hits"] += 1
+            return self._table[key]
+        _compile_workers_started()
+        t0 = time.perf_counter()
+        with _eager():
+            seconds = measure()
         self._stats["measure_seconds"] += time.perf_counter() - t0
         self._stats["measured"] += 1
         self._table[key] = seconds

@@ -1225,7 +1225,7 @@ def _refit_on_own_intervals(
     log.debug("refit of an overflowing plan: own-interval peak %d, %.3f ms", peak, objective * 1e3)
     if peak > budget_bytes:
         return None
-    bound = res.bound_s if math.isfinite(res.bound_s) else float("nan")
+    bound = res.bound_s
     gap = (objective - bound) / objective if objective > 0 and math.isfinite(bound) else float("inf")
     return dataclasses.replace(
         res,
