@@ -188,16 +188,18 @@ class AdaccPartitioner(CustomPartitionerFn):
 
 def _codec_options(info, menus, cost_model, *, stochastic: bool) -> dict[fx.Node, list]:
     """Each offered codec with its payload bytes and measured encode + decode time."""
-    from adacc_compiler.passes.compress import CodecOption, fusible_on
+    from adacc_compiler.passes.compress import CodecOption, fusible_on, inlined_neighbours
     from adacc_compiler.triton_kernels import get_codec
 
     options = {}
     for node, menu in menus.items():
         val = node.meta["val"]
         shape = tuple(int(s) for s in val.shape)
+        encode_joins, decode_joins = inlined_neighbours(info, node)
         opts = []
         for name in menu.codecs:
             codec = get_codec(name)
+            fused = fusible_on(val.device, stochastic=stochastic, codec=name, shape=shape)
             opts.append(
                 CodecOption(
                     codec=name,
@@ -208,7 +210,9 @@ def _codec_options(info, menus, cost_model, *, stochastic: bool) -> dict[fx.Node
                             shape,
                             val.dtype,
                             val.device,
-                            fused=fusible_on(val.device, stochastic=stochastic, codec=name, shape=shape),
+                            fused=fused,
+                            encode_joins=fused and encode_joins,
+                            decode_joins=fused and decode_joins,
                         )
                     ),
                     sqnr_db=None if codec.lossless else menu.sqnr_db.get(name),

@@ -60,6 +60,7 @@ import os
 import platform
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -593,11 +594,58 @@ def _reference_codec(codec: Any, shape: Sequence[int], dtype: torch.dtype) -> tu
     return encode, decode
 
 
+def _codec_source_tag(codec: Any) -> str:
+    """A checksum of the code that defines ``codec``: a timing cached for an
+    older definition of the codec is not served for a newer one."""
+    import inspect
+    import sys
+
+    from adacc_compiler.triton_kernels import _common
+
+    module = sys.modules[codec.reference_compress.__module__]
+    text = inspect.getsource(module) + inspect.getsource(_common)
+    return f"src {zlib.crc32(text.encode()):08x}"
+
+
+def _neighbour(v: torch.Tensor) -> torch.Tensor:
+    """A pointwise op standing for the kernel an inlined codec joins (see ``CostModel.codec_cost``)."""
+    return v * 1.5 + 0.5
+
+
 def _inductor_compiled(fn: Callable[..., Any], *example: torch.Tensor) -> Callable[..., Any]:
-    """``fn`` traced on ``example`` and compiled by Inductor directly (no Dynamo guards on each call)."""
+    """``fn`` traced on ``example`` and compiled by Inductor's graph compiler itself.
+
+    The call runs the generated code and nothing else, as a kernel inside a
+    compiled graph does. ``torch._inductor.compile`` would wrap it in Dynamo's
+    disable wrapper and AOTAutograd's runtime wrapper: about 5 us more a call
+    on a 2-core CPU, and, called from inside a compile (where adacc measures),
+    that wrapper cost 40-200 us a call, so codecs measured 2-6x dearer than
+    they run.
+    """
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    return torch._inductor.compile(make_fx(fn)(*example), list(example))
+    returns_tuple = False
+
+    def flat(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nonlocal returns_tuple
+        out = fn(*args)
+        returns_tuple = isinstance(out, (tuple, list))
+        return tuple(out) if returns_tuple else (out,)
+
+    # Decomposed as AOTAutograd decomposes a graph before handing it to Inductor.
+    gm = make_fx(flat, decomposition_table=select_decomp_table())(*example)
+    # Not under the tracing context of a compile adacc runs inside: Inductor
+    # would take that graph's fake mode for this one's inputs.
+    with torch._guards.tracing(None):
+        compiled = compile_fx_inner(gm, list(example))
+
+    def call(*args: torch.Tensor) -> Any:
+        out = compiled(list(args))
+        return tuple(out) if returns_tuple else out[0]
+
+    return call
 
 
 def _iota_as_arange(length, *, start, step, dtype, device, requires_grad):
@@ -1027,26 +1075,37 @@ class CostModel:
         device: torch.device,
         *,
         fused: bool = False,
+        encode_joins: bool = False,
+        decode_joins: bool = False,
     ) -> float:
         """Seconds to encode and then decode one ``shape`` x ``dtype`` tensor with a codec.
 
         Measured on random data on ``device`` (cached like op costs) when
-        profiling, else the roofline: both passes move the full tensor and the
-        payload once. ``fused``: the rewrite inlines the codec's PyTorch
-        definition for Inductor (see
+        profiling, else the roofline. ``fused``: the rewrite inlines the
+        codec's PyTorch definition for Inductor (see
         :func:`adacc_compiler.passes.compress.fusible_on`), so its encode and
-        decode are each compiled by Inductor and timed as such kernels; else
-        the codec's ops are timed. (Inlined into their neighbours' kernels they
-        run faster still.)
+        decode are compiled by Inductor and timed as such kernels; else the
+        codec's ops are timed.
 
-        The fused pair is traced and handed to Inductor directly, not through
-        ``torch.compile``: inlined, the kernels run inside the graph's own
-        compiled code, and a Dynamo-wrapped function would add its guard
-        checks to every call. Those grow with every shape compiled through the
-        same function: on a 2-core CPU, in a process compiling a 4-layer
-        Llama, they made the int8_token pair of a 4x128x256 float32 tensor
-        measure 320-550 us against 160-270 us compiled directly.
+        Inlined, an encode next to a pointwise producer or reader of the value
+        (``encode_joins``), or a decode whose readers are all pointwise
+        (``decode_joins``), becomes part of a kernel Inductor emits anyway (see
+        :func:`adacc_compiler.passes.compress.inlined_neighbours`). That side
+        costs what it adds to such a kernel: the time of a pointwise kernel
+        with the encode fused in (reading the decoded value) less the time of
+        the same kernel alone, and never less than moving the payload once at
+        the device's bandwidth. A standalone side is timed on its own.
+
+        Kernels are traced and handed to Inductor directly, not through
+        ``torch.compile``: inlined, they run inside the graph's own compiled
+        code, and a Dynamo-wrapped function would add its guard checks to
+        every call. Those grow with every shape compiled through the same
+        function: on a 2-core CPU, in a process compiling a 4-layer Llama,
+        they made the int8_token pair of a 4x128x256 float32 tensor measure
+        320-550 us against 160-270 us compiled directly.
         """
+        if not fused and (encode_joins or decode_joins):
+            raise ValueError("codec_cost: encode_joins and decode_joins need fused=True (an inlined codec)")
         from adacc_compiler.triton_kernels import get_codec
 
         codec = get_codec(codec_name)
@@ -1055,14 +1114,32 @@ class CostModel:
         payload = codec.compressed_nbytes(tuple(shape), dtype)
         kind = device.type if device.type in DEVICE_SPECS else "cuda"
         spec = DEVICE_SPECS[kind]
-        roofline = 2 * (numel * dtype.itemsize + payload) / spec.bandwidth + 2 * spec.overhead_s
+        floor = payload / spec.bandwidth
+        standalone = (numel * dtype.itemsize + payload) / spec.bandwidth + spec.overhead_s
         if not self.profile or not _device_usable(device):
             self._stats["roofline"] += 1
-            return roofline
-        path = "fused kernels" if fused else "ops"
+            return (floor if encode_joins else standalone) + (floor if decode_joins else standalone)
+        return self._codec_side(codec, "encode", shape, dtype, device, fused=fused, joins=encode_joins, floor=floor) + (
+            self._codec_side(codec, "decode", shape, dtype, device, fused=fused, joins=decode_joins, floor=floor)
+        )
+
+    def _codec_side(
+        self,
+        codec: Any,
+        side: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        fused: bool,
+        joins: bool,
+        floor: float,
+    ) -> float:
+        """Measured seconds of a codec's encode or decode (see :meth:`codec_cost`)."""
+        path = ("joined " if joins else "") + ("fused kernels" if fused else "ops")
         key = (
-            f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|codec {codec_name} {path}|"
-            f"{tuple(shape)}|{dtype}"
+            f"{device.type}|{self._device_name(device)}|torch {torch.__version__}|codec {codec.name} {side} {path}|"
+            f"{_codec_source_tag(codec)}|{tuple(shape)}|{dtype}"
         )
 
         def measure() -> float:
@@ -1071,16 +1148,28 @@ class CostModel:
                 x = torch.rand(shape, generator=gen, device=device) > 0.5
             else:
                 x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-            if fused:
-                ref_encode, ref_decode = _reference_codec(codec, shape, dtype)
-                encode = _inductor_compiled(ref_encode, x)
-                out = tuple(encode(x))
-                decode = _inductor_compiled(ref_decode, *out)
+            if not fused:
+                payload = codec.compress_op(x)
+                if side == "encode":
+                    return _time_call(lambda: codec.compress_op(x), device)
+                return _time_call(lambda: codec.decompress_op(*payload, list(shape), dtype), device)
+            encode, decode = _reference_codec(codec, shape, dtype)
+            payload = tuple(_inductor_compiled(encode, x)(x))
+            if not joins:
+                fn, args = (encode, (x,)) if side == "encode" else (decode, payload)
+                kernel = _inductor_compiled(fn, *args)
+                return _time_call(lambda: kernel(*args), device)
+            # The pointwise neighbour: any cheap elementwise op of the value.
+            if side == "encode":
+                alone = _inductor_compiled(_neighbour, x)
+                joined = _inductor_compiled(lambda v: (_neighbour(v), *encode(v)), x)
+                args = (x,)
             else:
-                encode = codec.compress_op
-                decode = lambda *p: codec.decompress_op(*p, list(shape), dtype)  # noqa: E731
-                out = encode(x)
-            return _time_call(lambda: encode(x), device) + _time_call(lambda: decode(*out), device)
+                alone = _inductor_compiled(_neighbour, x)
+                joined = _inductor_compiled(lambda *p: _neighbour(decode(*p)), *payload)
+                args = payload
+            extra = _time_call(lambda: joined(*args), device) - _time_call(lambda: alone(x), device)
+            return max(extra, floor)
 
         return self._cached_measurement(key, measure)
 

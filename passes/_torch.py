@@ -95,3 +95,20 @@ def finish_backward(
         fw_module = thread(fw_module, is_backward=False)
         bw_module = thread(bw_module, is_backward=True)
     return fw_module, bw_module
+
+
+def int_hint(x: Any, *, fallback: int) -> int:
+    """A concrete value for a (possibly symbolic) int: its hint, else ``fallback`` (unbacked)."""
+    import torch
+
+    if not isinstance(x, torch.SymInt):
+        return int(x)
+    hint = x.node.hint
+    if hint is None:
+        try:
+            # torch 2.13; older releases name it size_hint
+            from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_of
+        except ImportError:
+            from torch.fx.experimental.symbolic_shapes import size_hint as hint_of
+        hint = hint_of(x, fallback=fallback)
+    return int(hint)

@@ -41,10 +41,7 @@ def tensor_nbytes(val: object) -> int:
     """Bytes of a tensor value (0 for non-tensors); symbolic sizes use their hint."""
     if not isinstance(val, torch.Tensor):
         return 0
-    numel = val.numel()
-    if not isinstance(numel, int):
-        numel = torch.fx.experimental.symbolic_shapes.size_hint(numel, fallback=4096)
-    return int(numel) * val.dtype.itemsize
+    return tp.int_hint(val.numel(), fallback=4096) * val.dtype.itemsize
 
 
 def is_alias(node: fx.Node) -> bool:

@@ -81,6 +81,7 @@ __all__ = [
     "measure_menus",
     "sqnr_db",
     "codecs_inserted",
+    "inlined_neighbours",
 ]
 
 aten = torch.ops.aten
@@ -421,6 +422,42 @@ def fusible_on(device: torch.device, *, stochastic: bool, codec: str, shape: Seq
     if device.type != "cpu" or stochastic or multiple is None:
         return False
     return len(shape) > 0 and int(shape[-1]) % multiple == 0
+
+
+# Ops Inductor runs as library kernels (matrix multiplies, convolutions,
+# attention): an inlined encode or decode next to them cannot join their loops.
+_LIBRARY_KERNELS = _MATMULS | _BATCHED_MATMULS | {aten.convolution.default, aten.convolution_backward.default}
+
+
+def _joins_kernels(node: fx.Node) -> bool:
+    """Whether Inductor emits ``node`` as a loop other pointwise work can join."""
+    target = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(target, torch._ops.OpOverload)
+        and target.namespace == "aten"
+        and target not in _LIBRARY_KERNELS
+        and not _is_attention_op(target)
+    )
+
+
+def inlined_neighbours(info: JointGraphInfo, node: fx.Node) -> tuple[bool, bool]:
+    """Whether an inlined codec's encode and decode of ``node`` join kernels the graph has anyway.
+
+    The encode joins one when the op that makes the value's data, or a forward
+    op that reads it, is a pointwise or reduction loop (the encode reads the
+    value where that kernel does). The decode joins when every backward op
+    that reads the value is such a loop; a matrix multiply among them needs
+    the decoded value in memory, so the decode is a kernel of its own. The
+    cost model charges a joining side what it adds to the kernel
+    (:meth:`adacc_compiler.costs.CostModel.codec_cost`).
+    """
+    producer = _producer(node)
+    forward_readers = [u for u in _consumers(producer) if info.is_fw(u)]
+    encode = _joins_kernels(producer) or any(_joins_kernels(u) for u in forward_readers)
+    backward_readers = [u for u in _consumers(node) if u in info.bw_pos]
+    decode = bool(backward_readers) and all(_joins_kernels(u) for u in backward_readers)
+    return encode, decode
 
 
 def _fake_mode(values: Sequence[object]):

@@ -379,3 +379,33 @@ def test_compressed_checkpoints_reach_below_the_exact_floor():
     bw = adacc_compiler.compiled_graphs()[-1].backward_graph
     rebuilt = [n for n in bw.graph.nodes if "adacc_recompute_of" in n.meta]
     assert rebuilt, "no value was rebuilt from a compressed checkpoint"
+
+
+# --------------------------------------------------------------------------- costs in context
+
+
+def test_inlined_codecs_join_the_pointwise_kernels_next_to_them():
+    from adacc_compiler.passes.compress import _producer, inlined_neighbours
+
+    torch.manual_seed(0)
+    w1, w2 = (torch.randn(32, 32, requires_grad=True) for _ in range(2))
+
+    def loss(w1, w2, x):
+        return (F.silu(x @ w1) @ w2).pow(2).mean()
+
+    gm, _, kwargs = trace_joint(loss, w1, w2, torch.randn(16, 32), static=(0, 1), inductor_decomps=True)
+    info = _info(gm, kwargs)
+    saved = {n: _producer(n) for n in info.boundary if n.op == "call_function"}
+    # sigmoid(x @ w1), saved for silu's backward: a pointwise kernel makes it
+    # and only pointwise ops read it in the backward.
+    (sig,) = [n for n in saved if n.target is aten.sigmoid.default]
+    assert inlined_neighbours(info, sig) == (True, True)
+    # silu's output, saved (transposed) for w2's gradient: made by a pointwise
+    # kernel, read in the backward by a matrix multiply, which needs it decoded
+    # in memory.
+    (act,) = [n for n, p in saved.items() if p.op == "call_function" and n.target is aten.permute.default]
+    assert inlined_neighbours(info, act) == (True, False)
+    # The input x, saved (transposed) for w1's gradient: no kernel makes it and
+    # the forward reads it only in a matrix multiply.
+    (inp,) = [n for n, p in saved.items() if p.op == "placeholder" and tuple(n.meta["val"].shape) == (32, 16)]
+    assert inlined_neighbours(info, inp) == (False, False)

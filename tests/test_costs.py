@@ -481,7 +481,7 @@ def test_cuda_measurement():
 def test_codec_costs_time_the_path_the_rewrite_emits(tmp_path):
     # On the CPU the rewrite inlines the fusible codecs for Inductor: their
     # cost is timed as Inductor-compiled encode and decode kernels; the others
-    # as the codec's ops. Both are cached, under separate keys.
+    # as the codec's ops. Each side is cached under its own key.
     cm = CostModel(profile=True, cache_dir=str(tmp_path))
     shape, cpu = (64, 256), torch.device("cpu")
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -491,16 +491,57 @@ def test_codec_costs_time_the_path_the_rewrite_emits(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     ops = cm.codec_cost("int8_token", shape, torch.float32, cpu)
     assert fused > 0 and ops > 0
-    assert cm.stats["measured"] == 2
+    assert cm.stats["measured"] == 4
     again = CostModel(profile=True, cache_dir=str(tmp_path))
     assert again.codec_cost("int8_token", shape, torch.float32, cpu, fused=True) == fused
     assert again.codec_cost("int8_token", shape, torch.float32, cpu) == ops
-    assert again.stats["measured"] == 0 and again.stats["cache_hits"] == 2
+    assert again.stats["measured"] == 0 and again.stats["cache_hits"] == 4
     # Without profiling both are the same roofline.
     roof = CostModel(profile=False, cache_dir=None)
     assert roof.codec_cost("int8_token", shape, torch.float32, cpu, fused=True) == roof.codec_cost(
         "int8_token", shape, torch.float32, cpu
     )
+
+
+def test_a_codec_side_that_joins_a_kernel_costs_what_it_adds(tmp_path):
+    from adacc_compiler.triton_kernels import get_codec
+
+    shape, cpu = (64, 256), torch.device("cpu")
+    payload = get_codec("int8_token").compressed_nbytes(shape, torch.float32)
+    floor = payload / costs.DEVICE_SPECS["cpu"].bandwidth
+    # Roofline: a joining side moves only the payload, a standalone one the
+    # tensor as well, plus a launch.
+    roof = CostModel(profile=False, cache_dir=None)
+    alone = roof.codec_cost("int8_token", shape, torch.float32, cpu, fused=True)
+    joined = roof.codec_cost("int8_token", shape, torch.float32, cpu, fused=True, encode_joins=True, decode_joins=True)
+    assert joined == pytest.approx(2 * floor)
+    half = roof.codec_cost("int8_token", shape, torch.float32, cpu, fused=True, decode_joins=True)
+    assert joined < half < alone
+    # Measured: a difference of two kernels' times, never below the floor.
+    cm = CostModel(profile=True, cache_dir=str(tmp_path))
+    measured = cm.codec_cost("int8_token", shape, torch.float32, cpu, fused=True, encode_joins=True, decode_joins=True)
+    assert measured >= 2 * floor
+    assert cm.stats["measured"] == 2
+    with pytest.raises(ValueError, match="encode_joins and decode_joins need fused=True"):
+        cm.codec_cost("int8_token", shape, torch.float32, cpu, encode_joins=True)
+
+
+def test_inductor_compiled_runs_the_generated_code_on_its_arguments():
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    single = costs._inductor_compiled(lambda a, b: a * b + 1.0, x, y)
+    torch.testing.assert_close(single(y, x), y * x + 1.0)
+    pair = costs._inductor_compiled(lambda a, b: (a + b, a.amax(dim=1)), x, y)
+    s, m = pair(x, y)
+    torch.testing.assert_close(s, x + y)
+    torch.testing.assert_close(m, x.amax(dim=1))
+    # Compiled inside another compile's tracing context (as when adacc's
+    # partitioner measures), it still takes real tensors.
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with tracing(TracingContext(FakeTensorMode())):
+        inner = costs._inductor_compiled(lambda a: a.sin(), x)
+    torch.testing.assert_close(inner(x), x.sin())
 
 
 def test_fused_recompute_drops_the_ops_own_traffic():

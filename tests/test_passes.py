@@ -557,3 +557,16 @@ def test_learning_moves_only_intervals_that_cover_an_overflow_point(blocks_graph
         assert learning.need[c] == iv.need[c] and learning.last_recomputed[c] == iv.last_recomputed[c]
     # The model's own intervals are untouched, and nothing is learned without an overflow.
     assert S._learn_overflowing_intervals(fresh(), own, plan.recompute, []) == 0
+
+
+def test_tensor_nbytes_of_a_symbolic_shape_uses_its_hint():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from adacc_compiler.passes.classify import tensor_nbytes
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    t = mode.from_tensor(torch.randn(6, 8), symbolic_context=ctx)
+    assert not isinstance(t.shape[0], int)
+    assert tensor_nbytes(t) == 6 * 8 * 4

@@ -144,7 +144,7 @@ def compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     rows = x.contiguous().view(tokens, channels)
     if tokens:
         channel_absmax = torch.maximum(rows.amax(dim=0), rows.amin(dim=0).neg_())
-        channel_absmax = channel_absmax.to(torch.float32).nan_to_num_(nan=float("inf"))
+        channel_absmax = channel_absmax.to(torch.float32).nan_to_num_(nan=float("inf"), posinf=float("inf"))
     else:
         channel_absmax = torch.zeros(channels, device=x.device)
     idx = select_outliers(channel_absmax, num_outliers(channels))
