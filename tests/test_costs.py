@@ -637,3 +637,15 @@ def test_compile_workers_are_up_before_timing(monkeypatch):
     assert waited == ["warm", "ready"]
     cm.codec_cost("int8_token", (8, 128), torch.float32, torch.device("cpu"))
     assert waited == ["warm", "ready"]  # once per process
+
+
+def test_a_codec_timing_is_not_reused_once_the_codec_changes(tmp_path, monkeypatch):
+    shape, cpu = (8, 64), torch.device("cpu")
+    first = CostModel(profile=True, cache_dir=str(tmp_path))
+    first.codec_cost("int8_token", shape, torch.float32, cpu)
+    assert first.stats["measured"] == 2
+    # The same codec, its definition edited: the cached timing is stale.
+    monkeypatch.setattr(costs, "_codec_source_tag", lambda codec: "src edited")
+    again = CostModel(profile=True, cache_dir=str(tmp_path))
+    again.codec_cost("int8_token", shape, torch.float32, cpu)
+    assert again.stats["measured"] == 2 and again.stats["cache_hits"] == 0
