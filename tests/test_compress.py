@@ -81,6 +81,9 @@ def _mlp_joint(width=128, depth=3, batch=64):
 def llama_info():
     from tests.models import hf_llama
 
+    # A fresh Dynamo: after other tests compiled these modules at other
+    # shapes, it would trace this one with dynamic sizes.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = hf_llama(2)
     ids = torch.randint(0, 128, (2, 64))
