@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -68,6 +69,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
+from adacc_compiler.passes import _torch as tp
 from adacc_compiler.passes.classify import draws_random
 
 __all__ = [
@@ -171,14 +173,7 @@ class _NoHint(Exception):
 def _concrete(x: Any, *, fallback: int | None = None) -> Any:
     """A concrete Python value for ``x`` (ints, floats, bools and their Sym* forms)."""
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        hint = x.node.hint
-        if hint is None and isinstance(x, torch.SymInt):
-            try:
-                from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-                hint = optimization_hint(x, fallback=fallback)
-            except Exception:  # older torch, or unbacked with no fallback
-                hint = None
+        hint = tp.int_hint(x, fallback=fallback) if isinstance(x, torch.SymInt) else x.node.hint
         if hint is None:
             if fallback is None:
                 raise _NoHint(repr(x))
@@ -597,13 +592,18 @@ def _reference_codec(codec: Any, shape: Sequence[int], dtype: torch.dtype) -> tu
 def _codec_source_tag(codec: Any) -> str:
     """A checksum of the code that defines ``codec``: a timing cached for an
     older definition of the codec is not served for a newer one."""
+    return _module_source_tag(codec.reference_compress.__module__)
+
+
+@functools.cache
+def _module_source_tag(module_name: str) -> str:
+    # Once per process: every codec cost looks it up, cached or not.
     import inspect
     import sys
 
     from adacc_compiler.triton_kernels import _common
 
-    module = sys.modules[codec.reference_compress.__module__]
-    text = inspect.getsource(module) + inspect.getsource(_common)
+    text = inspect.getsource(sys.modules[module_name]) + inspect.getsource(_common)
     return f"src {zlib.crc32(text.encode()):08x}"
 
 
@@ -1149,25 +1149,23 @@ class CostModel:
             else:
                 x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
             if not fused:
-                payload = codec.compress_op(x)
                 if side == "encode":
                     return _time_call(lambda: codec.compress_op(x), device)
+                payload = codec.compress_op(x)
                 return _time_call(lambda: codec.decompress_op(*payload, list(shape), dtype), device)
             encode, decode = _reference_codec(codec, shape, dtype)
-            payload = tuple(_inductor_compiled(encode, x)(x))
+            if side == "encode":
+                fn, args = encode, (x,)
+                with_neighbour = lambda v: (_neighbour(v), *encode(v))  # noqa: E731
+            else:
+                fn, args = decode, tuple(_inductor_compiled(encode, x)(x))
+                with_neighbour = lambda *p: _neighbour(decode(*p))  # noqa: E731
             if not joins:
-                fn, args = (encode, (x,)) if side == "encode" else (decode, payload)
                 kernel = _inductor_compiled(fn, *args)
                 return _time_call(lambda: kernel(*args), device)
             # The pointwise neighbour: any cheap elementwise op of the value.
-            if side == "encode":
-                alone = _inductor_compiled(_neighbour, x)
-                joined = _inductor_compiled(lambda v: (_neighbour(v), *encode(v)), x)
-                args = (x,)
-            else:
-                alone = _inductor_compiled(_neighbour, x)
-                joined = _inductor_compiled(lambda *p: _neighbour(decode(*p)), *payload)
-                args = payload
+            alone = _inductor_compiled(_neighbour, x)
+            joined = _inductor_compiled(with_neighbour, *args)
             extra = _time_call(lambda: joined(*args), device) - _time_call(lambda: alone(x), device)
             return max(extra, floor)
 

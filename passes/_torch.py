@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._functorch import config as functorch_config
 from torch._functorch import partitioners as _p
@@ -97,10 +98,11 @@ def finish_backward(
     return fw_module, bw_module
 
 
-def int_hint(x: Any, *, fallback: int) -> int:
-    """A concrete value for a (possibly symbolic) int: its hint, else ``fallback`` (unbacked)."""
-    import torch
+def int_hint(x: Any, *, fallback: int | None) -> int | None:
+    """A concrete value for a (possibly symbolic) int: its hint, else ``fallback``.
 
+    None for an unbacked int when ``fallback`` is None.
+    """
     if not isinstance(x, torch.SymInt):
         return int(x)
     hint = x.node.hint
@@ -110,5 +112,8 @@ def int_hint(x: Any, *, fallback: int) -> int:
             from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_of
         except ImportError:
             from torch.fx.experimental.symbolic_shapes import size_hint as hint_of
-        hint = hint_of(x, fallback=fallback)
-    return int(hint)
+        try:
+            hint = hint_of(x, fallback=fallback)
+        except Exception:  # unbacked, no fallback
+            hint = fallback
+    return None if hint is None else int(hint)
