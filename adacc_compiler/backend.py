@@ -331,6 +331,7 @@ def plan_and_partition(
                 share_layers=config.share_layers,
                 codec_options=codec_options,
                 seed=stock_choices,
+                noise_budget=config.plan_noise_budget,
             )
         except InfeasibleBudgetError as err:
             # The error carries the smallest-peak plan, and an earlier compile
@@ -450,7 +451,7 @@ def plan_and_partition(
     counts = plan.counts()
     log.info(
         "adacc %s: budget %.2f MiB (stock peak %.2f MiB, saves %.2f MiB), predicted peak %.2f MiB, saved %.2f MiB; "
-        "retain %d, recompute %d, compress %d (%s), drop %d; est. overhead %.1f us/step; "
+        "retain %d, recompute %d, compress %d (%s, plan SQNR %.1f dB), drop %d; est. overhead %.1f us/step; "
         "solve %.2f s (%s, gap %.2f%%%s); planning %.2f s (costs %.2f s, codecs %.2f s)",
         graph_id,
         budget / 2**20,
@@ -462,6 +463,7 @@ def plan_and_partition(
         counts[RECOMPUTE],
         counts[COMPRESS],
         ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(res.compress.values()).items())) or "none",
+        plan.plan_sqnr_db(),
         counts[DROP],
         res.objective_s * 1e6,
         res.time_s,

@@ -55,6 +55,7 @@ ENV_VARS = {
     "ADACC_SHARE_LAYERS": "share_layers",
     "ADACC_COMPRESS": "compress",
     "ADACC_MIN_SQNR_DB": "min_sqnr_db",
+    "ADACC_MIN_PLAN_SQNR_DB": "min_plan_sqnr_db",
     "ADACC_COMPRESS_SENSITIVE": "compress_sensitive",
     "ADACC_STOCHASTIC_ROUNDING": "stochastic_rounding",
 }
@@ -110,6 +111,12 @@ class AdaccConfig:
             training at budget 0.25 ended up to 1.25% above stock
             Inductor's loss, against at most 0.5% without it
             (bench/results/train_b025_lr1e3*).
+        min_plan_sqnr_db: A bound on the error of the whole plan: the noise
+            powers of every value it compresses with a lossy codec, each
+            relative to its value's power (``10 ** (-sqnr_db / 10)``), sum
+            to at most ``10 ** (-min_plan_sqnr_db / 10)``. ``min_sqnr_db``
+            bounds each value alone; the errors of many compressed values
+            add up in the gradients. ``None`` (or ``"off"``) lifts the bound.
         compress_sensitive: Also offer lossy codecs for the tensors attention's
             backward needs and for the residual stream (lossless-only otherwise).
         stochastic_rounding: Lossy codecs round stochastically (seeded per
@@ -126,6 +133,7 @@ class AdaccConfig:
     verify: bool = True
     compress: str = "lossy"
     min_sqnr_db: float = 30.0
+    min_plan_sqnr_db: float | None = 36.0
     compress_sensitive: bool = False
     stochastic_rounding: bool = False
 
@@ -171,6 +179,20 @@ class AdaccConfig:
         if not math.isfinite(sqnr):
             raise ValueError(f"min_sqnr_db: expected a finite number of dB, got {self.min_sqnr_db!r}")
         object.__setattr__(self, "min_sqnr_db", sqnr)
+        plan_sqnr = self.min_plan_sqnr_db
+        if isinstance(plan_sqnr, str) and plan_sqnr.strip().lower() in ("none", "off"):
+            plan_sqnr = None
+        if plan_sqnr is not None:
+            try:
+                plan_sqnr = float(plan_sqnr)
+            except (TypeError, ValueError):
+                plan_sqnr = math.nan
+            if isinstance(self.min_plan_sqnr_db, bool) or not math.isfinite(plan_sqnr):
+                raise ValueError(
+                    "min_plan_sqnr_db: expected a finite number of dB, or None / 'off' for no bound, "
+                    f"got {self.min_plan_sqnr_db!r}"
+                )
+        object.__setattr__(self, "min_plan_sqnr_db", plan_sqnr)
         object.__setattr__(self, "solver_time_limit", limit)
         object.__setattr__(self, "solver_mip_gap", gap)
         for name in ("cache_dir", "dump_dir"):
@@ -183,6 +205,13 @@ class AdaccConfig:
     @property
     def budget_is_fraction(self) -> bool:
         return isinstance(self.memory_budget, float)
+
+    @property
+    def plan_noise_budget(self) -> float:
+        """The bound ``min_plan_sqnr_db`` puts on a plan's summed relative noise power (inf: none)."""
+        if self.min_plan_sqnr_db is None:
+            return math.inf
+        return 10.0 ** (-self.min_plan_sqnr_db / 10.0)
 
     @classmethod
     def option_names(cls) -> list[str]:

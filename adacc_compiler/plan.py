@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,11 @@ class Plan:
         for d in self.decisions:
             out[d.choice] += 1
         return out
+
+    def plan_sqnr_db(self) -> float:
+        """The plan's combined SQNR: its lossy values' relative noise powers summed, in dB (inf: none)."""
+        noise = sum(10.0 ** (-d.sqnr_db / 10.0) for d in self.decisions if d.sqnr_db is not None)
+        return math.inf if noise == 0 else -10.0 * math.log10(noise)
 
     def by_name(self) -> dict[str, Decision]:
         return {d.name: d for d in self.decisions}

@@ -169,6 +169,7 @@ class _Model:
         exact_heads: bool = False,
         banned_pairs: Sequence[tuple[fx.Node, fx.Node]] = (),
         codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
+        noise_budget: float = math.inf,
     ):
         self.info = info
         self.banned_pairs = tuple(banned_pairs)
@@ -182,10 +183,15 @@ class _Model:
         self.rec_col: dict[fx.Node, int] = {}
         self.keep_col: dict[fx.Node, int] = {}
         self.comp_col: dict[fx.Node, dict[str, int]] = {}
+        # Relative quantisation noise power each column adds to the plan (a
+        # shared column: summed over the layers it decides for).
+        self.col_noise: list[float] = []
+        self.noise_budget = noise_budget
         self.shared_layers = 0
 
-        def new_col(cost: float) -> int:
+        def new_col(cost: float, noise: float = 0.0) -> int:
             self.col_cost.append(cost)
+            self.col_noise.append(noise)
             self.num_cols += 1
             return self.num_cols - 1
 
@@ -239,13 +245,14 @@ class _Model:
                     self.comp_col[c] = dict(self.comp_col[t])
                     for o in opts:
                         self.col_cost[self.comp_col[c][o.codec]] += o.cost_s
+                        self.col_noise[self.comp_col[c][o.codec]] += o.noise
                 continue
             if can_save:
                 self.save_col[c] = new_col(0.0)
             if can_rec:
                 self.rec_col[c] = new_col(costs.get(c, 0.0))
             if opts:
-                self.comp_col[c] = {o.codec: new_col(o.cost_s) for o in opts}
+                self.comp_col[c] = {o.codec: new_col(o.cost_s, o.noise) for o in opts}
         relevant = set(self.relevant)
         for p in info.primals:
             if p not in info.param_primals and isinstance(p.meta.get("val"), torch.Tensor):
@@ -280,6 +287,13 @@ class _Model:
                 rows.add((((k, 1.0),), 1.0, math.inf))
 
         assert not infeasible_reasons, f"boundary values with no way to be available: {infeasible_reasons}"
+        # The plan's summed quantisation noise, in units of the noise budget
+        # (the coefficients are 1e-6..1e-3 of a signal's power).
+        if math.isfinite(noise_budget):
+            assert noise_budget > 0, noise_budget
+            noisy = tuple((k, v / noise_budget) for k, v in enumerate(self.col_noise) if v > 0)
+            if noisy:
+                rows.add((noisy, -math.inf, 1.0))
         self.logical_rows = sorted({(kept, lo, hi) for terms, lo, hi in rows if (kept := _merge(terms))})
 
         # Memory terms: (column, bytes, start point, end point) on backward positions.
@@ -996,6 +1010,7 @@ def solve_plan(
     codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
     seed: tuple[set[str], set[str]] | None = None,
     highs_seed: int = DEFAULT_HIGHS_SEED,
+    noise_budget: float = math.inf,
 ) -> SolveResult:
     """Choose retain / recompute / compress / drop for every candidate under ``budget_bytes``.
 
@@ -1004,6 +1019,9 @@ def solve_plan(
     the values a known plan saves and recomputes (stock Inductor's partition):
     the greedy warm start begins there. ``highs_seed`` is HiGHS's random
     seed for the cost MILPs (the smallest-peak search always uses 0).
+    ``noise_budget`` bounds the plan's summed relative quantisation noise:
+    the sum of ``10 ** (-sqnr_db / 10)`` over every value it gives a lossy
+    codec (one MILP row over the compress columns).
 
     The MILP's intervals charge recompute chains one link at a time, so a plan
     is then judged on the intervals it implies itself; if that peak overflows,
@@ -1025,7 +1043,7 @@ def solve_plan(
         try:
             res = _solve_once(
                 info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options, seed=seed,
-                previous=res, highs_seed=highs_seed,
+                previous=res, highs_seed=highs_seed, noise_budget=noise_budget,
             )
         except _NoPlanInTime as stop:
             # The smallest-peak plan below is the answer (or the infeasibility
@@ -1051,7 +1069,7 @@ def solve_plan(
                 break
             continue
         own_iv = model_intervals(info, res.recompute)
-        own = _Model(info, own_iv, costs, False, codec_options=codec_options)
+        own = _Model(info, own_iv, costs, False, codec_options=codec_options, noise_budget=noise_budget)
         x_own = own.vector(res.save, res.recompute, res.keep_primals, res.compress)
         profile = own.memory_profile(x_own)
         res.predicted_peak = int(profile.max(initial=0.0))
@@ -1103,7 +1121,7 @@ def solve_plan(
         try:
             res = _solve_once(
                 info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options,
-                exact_heads=True, seed=seed, previous=res, highs_seed=highs_seed,
+                exact_heads=True, seed=seed, previous=res, highs_seed=highs_seed, noise_budget=noise_budget,
             )
         except (_NoPlanInTime, _ModelInfeasible) as stop:
             log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)
@@ -1125,7 +1143,9 @@ def solve_plan(
     # the MILP's own model, whichever peaks lower on its own intervals.
     best = None
     for exact in (True, False):
-        model = _Model(info, iv, costs, False, exact_heads=exact, codec_options=codec_options)
+        model = _Model(
+            info, iv, costs, False, exact_heads=exact, codec_options=codec_options, noise_budget=noise_budget
+        )
         x, _ = _min_peak_solution(model, time_limit=time_limit)
         save, recompute, keep, compress = model.decisions(x)
         peak = own_peak(info, costs, save, recompute, keep, compress, codec_options)
@@ -1275,12 +1295,20 @@ def _solve_once(
     seed: tuple[set[str], set[str]] | None = None,
     previous: SolveResult | None = None,
     highs_seed: int = DEFAULT_HIGHS_SEED,
+    noise_budget: float = math.inf,
 ) -> SolveResult:
     import highspy
 
     t0 = time.perf_counter()
     model = _Model(
-        info, iv, costs, share_layers, banned_pairs=banned, codec_options=codec_options, exact_heads=exact_heads
+        info,
+        iv,
+        costs,
+        share_layers,
+        banned_pairs=banned,
+        codec_options=codec_options,
+        exact_heads=exact_heads,
+        noise_budget=noise_budget,
     )
     budget = float(budget_bytes)
     greedy = _greedy(
@@ -1318,6 +1346,7 @@ def _solve_once(
             return _solve_once(
                 info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options,
                 exact_heads=exact_heads, seed=seed, previous=previous, highs_seed=highs_seed,
+                noise_budget=noise_budget,
             )
         if status != highspy.HighsModelStatus.kInfeasible:
             raise _NoPlanInTime(status_name)

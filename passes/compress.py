@@ -149,6 +149,11 @@ class CodecOption:
     cost_s: float  # encode + decode time per step
     sqnr_db: float | None = None  # measured on the actual values; None for lossless codecs
 
+    @property
+    def noise(self) -> float:
+        """Quantisation noise power relative to the value's power (0 for a lossless codec)."""
+        return 0.0 if self.sqnr_db is None else 10.0 ** (-self.sqnr_db / 10.0)
+
 
 @dataclass
 class Menu:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adacc_compiler
+from adacc_compiler.config import AdaccConfig
 from adacc_compiler.passes.classify import analyze_joint_graph
 from adacc_compiler.passes.compress import (
     MENUS,
@@ -306,6 +307,11 @@ def test_lossy_plan_gradients_within_codec_error(tmp_path):
         assert d.codec in rows[d.name] and f"{d.nbytes / d.compressed_nbytes:.2f}x" in rows[d.name]
         assert f"{d.sqnr_db:.1f}" in rows[d.name]
     assert sum(summary["plan"]["codecs"].values()) == len(compressed)
+    # The plan's summed codec noise is reported and within the default bound.
+    noise = sum(10 ** (-d.sqnr_db / 10) for d in compressed if d.sqnr_db is not None)
+    assert noise > 0, result.plan.table()
+    assert summary["plan"]["plan_sqnr_db"] == pytest.approx(-10 * math.log10(noise))
+    assert summary["plan"]["plan_sqnr_db"] >= AdaccConfig().min_plan_sqnr_db - 1e-9
     compressed = [d for d in result.plan.decisions if d.choice == "compress"]
     assert compressed, result.plan.table()
     for d in compressed:

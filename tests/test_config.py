@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from adacc_compiler.config import AdaccConfig, parse_bytes
@@ -65,3 +67,17 @@ def test_fingerprint_tracks_plan_relevant_fields_only():
     assert a.fingerprint() == AdaccConfig(memory_budget=0.5, dump_dir="/tmp/d").fingerprint()
     assert a.fingerprint() != AdaccConfig(memory_budget=0.4).fingerprint()
     assert a.fingerprint() != AdaccConfig(memory_budget=0.5, profile=False).fingerprint()
+
+
+def test_plan_sqnr_bound_parses_and_converts_to_a_noise_power():
+    assert AdaccConfig().min_plan_sqnr_db == 36.0
+    cfg = AdaccConfig(min_plan_sqnr_db="30")
+    assert cfg.min_plan_sqnr_db == 30.0 and cfg.plan_noise_budget == pytest.approx(1e-3)
+    for off in (None, "off", "None"):
+        cfg = AdaccConfig(min_plan_sqnr_db=off)
+        assert cfg.min_plan_sqnr_db is None and cfg.plan_noise_budget == math.inf
+    assert AdaccConfig.from_options(None, environ={"ADACC_MIN_PLAN_SQNR_DB": "35"}).min_plan_sqnr_db == 35.0
+    for bad in ("loud", float("inf"), True, [30]):
+        with pytest.raises(ValueError, match="min_plan_sqnr_db: expected a finite number of dB"):
+            AdaccConfig(min_plan_sqnr_db=bad)
+    assert AdaccConfig(min_plan_sqnr_db=30).fingerprint() != AdaccConfig(min_plan_sqnr_db=35).fingerprint()

@@ -570,3 +570,35 @@ def test_tensor_nbytes_of_a_symbolic_shape_uses_its_hint():
     t = mode.from_tensor(torch.randn(6, 8), symbolic_context=ctx)
     assert not isinstance(t.shape[0], int)
     assert tensor_nbytes(t) == 6 * 8 * 4
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_plan_noise_budget_bounds_the_summed_codec_error(blocks_graph, share):
+    # Every value the backward reads may take a cheap lossy codec at 40 dB
+    # (relative noise 1e-4): unbounded, a tight budget compresses many; with
+    # a noise budget of 2.5e-4 the plan's summed noise stays under it, each
+    # layer counted once per value even where layers share decisions.
+    from adacc_compiler.passes.compress import CodecOption
+
+    info = _info(blocks_graph)
+    costs = _unit_costs(info)
+    options = {
+        c: [CodecOption(codec="lossy8", nbytes=info.nbytes[c] // 4, cost_s=1e-9, sqnr_db=40.0)]
+        for c in info.boundary
+        if isinstance(c.meta.get("val"), torch.Tensor) and info.nbytes.get(c, 0) > 0
+    }
+    _, _, stock = _stock(blocks_graph)
+    budget = int(0.45 * stock.peak)
+
+    def solve(noise_budget):
+        return S.solve_plan(info, costs, budget_bytes=budget, time_limit=10, mip_gap=0.0, share_layers=share,
+                            codec_options=options, noise_budget=noise_budget)
+
+    free = solve(math.inf)
+    assert len(free.compress) > 2, free.compress
+    bounded = solve(2.5e-4)
+    assert 0 < len(bounded.compress) <= 2, bounded.compress
+    assert sum(o.noise for c in bounded.compress for o in options[c]) <= 2.5e-4 * (1 + 1e-9)
+    assert bounded.predicted_peak <= budget
+    # Giving up compression costs time: the bound is a real constraint.
+    assert bounded.objective_s > free.objective_s
