@@ -602,3 +602,39 @@ def test_plan_noise_budget_bounds_the_summed_codec_error(blocks_graph, share):
     assert bounded.predicted_peak <= budget
     # Giving up compression costs time: the bound is a real constraint.
     assert bounded.objective_s > free.objective_s
+
+
+def test_rounds_are_solved_again_on_a_wider_window_when_nothing_fits(blocks_graph, monkeypatch):
+    # Learning rounds that end without a fitting plan, and an exact-head
+    # model without one, are followed by the rounds on a wider pull window
+    # before adacc settles for the smallest-peak plan.
+    info = _info(blocks_graph)
+    _, _, stock = _stock(blocks_graph)
+    budget = int(0.6 * stock.peak)
+    real_rounds, real_once, real_intervals = S._learning_rounds, S._solve_once, S.model_intervals
+    windows = []
+
+    def intervals(info, recomputed=None, *, window=None):
+        if recomputed is None:
+            windows.append(window)
+        return real_intervals(info, recomputed, window=window)
+
+    def rounds(*args, **kwargs):
+        if len(windows) == 1:
+            return None, None, None  # the default window's rounds fit nothing
+        return real_rounds(*args, **kwargs)
+
+    def once(*args, exact_heads=False, **kwargs):
+        if exact_heads:
+            raise S._ModelInfeasible()
+        return real_once(*args, exact_heads=exact_heads, **kwargs)
+
+    monkeypatch.setattr(S, "model_intervals", intervals)
+    monkeypatch.setattr(S, "_learning_rounds", rounds)
+    monkeypatch.setattr(S, "_solve_once", once)
+    res = S.solve_plan(info, _unit_costs(info), budget_bytes=budget, time_limit=10, mip_gap=0.0, share_layers=False)
+    assert windows == [S._window(info), S._WIDE_WINDOW * S._window(info)]
+    assert res.fallback is None or "smallest-peak" not in res.fallback
+    assert res.predicted_peak <= budget
+    fw, bw = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
+    assert simulate(info, fw, bw).peak <= budget * 1.02
