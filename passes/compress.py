@@ -16,14 +16,18 @@ Three steps, each a function:
    residual       read both by a norm's statistics and by an ``add``    lossless only
                   of its own shape (the residual stream)
    norm_input     read by a norm's statistics (``pow``/``mean``,        ``int8_group``
-                  ``var_mean``, a layer-norm op)                        (outlier-aware)
+                  ``var_mean``, a layer-norm op)                        (outlier-aware),
+                                                                        ``bf16``
    matmul_input   read by a matrix multiply (``mm``/``addmm``)           ``int8_token``,
                                                                         ``int8_group``,
-                                                                        ``int4_group``
+                                                                        ``int4_group``,
+                                                                        ``bf16``
    act_input      read by an activation function (``sigmoid``,          ``int8_group``,
-                  ``tanh``, ``erf``, ``relu``, ``gelu``, ``silu``)        ``int8_token``
+                  ``tanh``, ``erf``, ``relu``, ``gelu``, ``silu``)        ``int8_token``,
+                                                                        ``bf16``
    other          any other floating-point value                        ``int8_group``,
-                                                                        ``int8_token``
+                                                                        ``int8_token``,
+                                                                        ``bf16``
    ============== ==================================================== ==========================
 
    Roles are tried in that order; the first that matches wins. With
@@ -93,10 +97,10 @@ MENUS: dict[str, tuple[str, ...]] = {
     "mask": ("bool1",),
     "attention": (),
     "residual": (),
-    "norm_input": ("int8_group",),
-    "matmul_input": ("int8_token", "int8_group", "int4_group"),
-    "act_input": ("int8_group", "int8_token"),
-    "other": ("int8_group", "int8_token"),
+    "norm_input": ("int8_group", "bf16"),
+    "matmul_input": ("int8_token", "int8_group", "int4_group", "bf16"),
+    "act_input": ("int8_group", "int8_token", "bf16"),
+    "other": ("int8_group", "int8_token", "bf16"),
 }
 SENSITIVE_ROLES = ("attention", "residual")
 
@@ -104,10 +108,10 @@ _RULES = {
     "mask": "boolean tensor: 1-bit packing",
     "attention": "read by attention's backward: lossless only",
     "residual": "residual stream: lossless only",
-    "norm_input": "norm input: per-group int8 with outlier channels kept exact",
-    "matmul_input": "matmul input: per-token / per-group int8, per-group int4",
-    "act_input": "activation-function input: per-group / per-token int8",
-    "other": "floating-point value: per-group / per-token int8",
+    "norm_input": "norm input: per-group int8 with outlier channels kept exact, bfloat16",
+    "matmul_input": "matmul input: per-token / per-group int8, per-group int4, bfloat16",
+    "act_input": "activation-function input: per-group / per-token int8, bfloat16",
+    "other": "floating-point value: per-group / per-token int8, bfloat16",
 }
 
 _VIEWS = {
@@ -418,7 +422,7 @@ def _seed(node: fx.Node) -> int:
 # last group, Inductor 2.13's CPU code for the group codecs computes wrong
 # values in that group, so such tensors call the ops. `int4_group` and `bool1`
 # compile exactly too but their bit packing runs slower than the ops.
-FUSIBLE_CODECS: dict[str, int] = {"int8_token": 1, "int8_group": 32}
+FUSIBLE_CODECS: dict[str, int] = {"int8_token": 1, "int8_group": 32, "bf16": 1}
 
 
 def fusible_on(device: torch.device, *, stochastic: bool, codec: str, shape: Sequence[int]) -> bool:

@@ -125,6 +125,36 @@ def _check_bool1(mod) -> list[str]:
     return failures
 
 
+def _check_bf16(mod) -> list[str]:
+    """PyTorch's rounding to nearest even bit for bit, and stochastic rounding to a neighbour."""
+    failures = []
+    gen = torch.Generator().manual_seed(9)
+    special = _special_rows(45)
+    special[4, :3] = torch.tensor([1e-40, 3.4e38, 1.0 + 2**-8])  # a subnormal, past bfloat16's max, a tie
+    cases = [torch.randn(s, generator=gen).mul(3.0) for s in [(), (1,), *SHAPES, (3, 1500)]]
+    cases += [special, torch.randn(40, 6, generator=gen).t()]
+    for x in cases:
+        where = f"bf16 {tuple(x.shape)}"
+        (h,) = mod.triton_compress(x)
+        # Bit for bit but NaN's payload bits (PyTorch's CPU conversion makes 0xFFFF).
+        if not _equal_payloads([h], mod.reference_compress(x)):
+            failures.append(f"{where}: compress differs from the reference")
+        out = mod.triton_decompress(h, list(x.shape), torch.float32)
+        if not (_equal_payloads([out], [h.float()]) and out.is_contiguous()):
+            failures.append(f"{where}: decompress differs from the reference")
+        (a,) = mod.triton_compress(x, stochastic=True, seed=7)
+        if not _equal_payloads([a], mod.triton_compress(x, stochastic=True, seed=7)):
+            failures.append(f"{where}: stochastic rounding not deterministic for a seed")
+        finite = torch.isfinite(x)
+        down = x.contiguous().view(torch.int32).long() & ~0xFFFF
+        got = a.float().view(torch.int32).long()
+        if not ((got == down) | (got == down + 0x10000))[finite].all():
+            failures.append(f"{where}: stochastic rounding not to a neighbouring bfloat16")
+        if not _equal_payloads([a[~finite]], [x[~finite].to(torch.bfloat16)]):
+            failures.append(f"{where}: stochastic rounding changed a non-finite value")
+    return failures
+
+
 def _check_every_candidate() -> list[str]:
     """Every launch configuration a GPU may pick computes the reference's result.
 
@@ -166,7 +196,7 @@ def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     # numpy warns about the inf - inf and NaN arithmetic the non-finite cases exercise
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    from adacc_compiler.triton_kernels import bool1, int4_group, int8_group, int8_token
+    from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token
 
     start = time.perf_counter()
     failures = []
@@ -175,6 +205,7 @@ def main() -> int:
     failures += _check_outlier_channels(int8_group)
     failures += _check_lossy(int4_group, int4_group.QMAX)
     failures += _check_bool1(bool1)
+    failures += _check_bf16(bf16)
     failures += _check_every_candidate()
     for line in failures:
         print("FAIL", line)
@@ -183,8 +214,12 @@ def main() -> int:
 
 
 def _sm90_specialisations():
-    """(kernel, signature, constexprs) covering every kernel, bfloat16 inputs."""
-    from adacc_compiler.triton_kernels import bool1, int4_group, int8_group, int8_token
+    """(kernel, signature, constexprs) covering every kernel, bfloat16 inputs (float32 for bf16)."""
+    from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token
+
+    for st in (False, True):
+        yield bf16._compress_kernel, dict(x_ptr="*fp32", h_ptr="*bf16", N="i64", seed="i64"), dict(BLOCK=1024, STOCHASTIC=st)
+    yield bf16._decompress_kernel, dict(h_ptr="*bf16", out_ptr="*fp32", N="i64"), dict(BLOCK=1024)
 
     sig = {
         "int8_token_compress": (int8_token._compress_kernel, dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", T="i32", C="i32", seed="i64")),
