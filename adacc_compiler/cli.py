@@ -170,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Options the subcommands set through their own flags.
-_FLAG_OPTIONS = ("memory_budget", "dump_dir", "compress")
+# Options each subcommand sets its own way, and how.
+_FLAG_OPTIONS = {
+    "train": {"memory_budget": "--budget", "compress": "--compress", "dump_dir": "--out (the dumps go to OUT/dumps)"},
+    "explain": {"memory_budget": "--budget", "compress": "--compress", "dump_dir": "--dump-dir"},
+    "bench": {"memory_budget": "--budgets", "compress": "--compress"},
+}
 
 
 def _add_option_argument(p: argparse.ArgumentParser) -> None:
@@ -182,8 +186,8 @@ def _add_option_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_options(pairs: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` strings as adacc options, validated as torch.compile would."""
+def _parse_options(pairs: list[str], command: str = "train") -> dict[str, str]:
+    """``KEY=VALUE`` strings as adacc options for ``command``, validated as torch.compile would."""
     from adacc_compiler.config import AdaccConfig
 
     options: dict[str, str] = {}
@@ -192,8 +196,9 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--option: expected KEY=VALUE, got {pair!r}")
-        if key in _FLAG_OPTIONS:
-            raise ValueError(f"--option: set {key!r} with its own flag (--{key.replace('_', '-').replace('memory-', '')})")
+        flag = _FLAG_OPTIONS[command].get(key)
+        if flag is not None:
+            raise ValueError(f"--option: adacc {command} sets {key!r} with {flag}")
         options[key] = value.strip()
     AdaccConfig.from_options(options, environ={})  # unknown keys and bad values fail here, naming the option
     return options
@@ -221,7 +226,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
         compress=args.compress,
-        options=_parse_options(args.option),
+        options=_parse_options(args.option, "train"),
     )
     result = run_train(config)
     print()
@@ -251,7 +256,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         options["profile"] = False
     if args.compress is not None:
         options["compress"] = args.compress
-    options.update(_parse_options(args.option))
+    options.update(_parse_options(args.option, "explain"))
     fwd = torch.compile(model, backend=adacc_backend_ref(), options=options)
     before = len(compiled_graphs())
     make_step(model, fwd, batch)()
@@ -312,7 +317,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out=args.out if args.out is not None else Path("adacc_bench_out"),
         tag=args.tag,
         compress=args.compress,
-        options=_parse_options(args.option),
+        options=_parse_options(args.option, "bench"),
     )
     baseline_rows = None
     if args.check is not None:

@@ -222,8 +222,16 @@ def test_options_are_validated():
         cli._parse_options(["min_sqnr_db=loud"])
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         cli._parse_options(["compress_sensitive"])
-    with pytest.raises(ValueError, match="own flag"):
+    with pytest.raises(ValueError, match="adacc train sets 'memory_budget' with --budget"):
         cli._parse_options(["memory_budget=0.3"])
+    with pytest.raises(ValueError, match="adacc explain sets 'dump_dir' with --dump-dir"):
+        cli._parse_options(["dump_dir=/tmp/d"], "explain")
+    with pytest.raises(ValueError, match="adacc train sets 'dump_dir' with --out"):
+        cli._parse_options(["dump_dir=/tmp/d"], "train")
+    # The benchmark has no dump flag: its adacc variants take dump_dir as an option.
+    assert cli._parse_options(["dump_dir=/tmp/d"], "bench") == {"dump_dir": "/tmp/d"}
+    with pytest.raises(ValueError, match="adacc bench sets 'compress' with --compress"):
+        cli._parse_options(["compress=off"], "bench")
     with pytest.raises(ValueError, match="compress_sensitive"):
         BenchConfig(options={"compress_sensitive": "maybe"})
     with pytest.raises(ValueError, match="options: set compress"):
