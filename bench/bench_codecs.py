@@ -249,8 +249,11 @@ def run(sizes, channels: int, dtype: torch.dtype, names, device: torch.device, r
         for name in names:
             # On the CPU, adacc inlines the fusible codecs for Inductor to compile.
             paths = [False, True] if device.type == "cpu" and name in fusible else [False]
+            codec = codecs.get_codec(name)
+            # A codec for one input dtype (bf16 takes float32) is timed on it.
+            codec_dtype = dtype if codec.lossless or codec.supports((channels,), dtype) else torch.float32
             for fused in paths:
-                row = bench_codec(codecs.get_codec(name), numel, channels, dtype, device, repeats, warmup, fused=fused)
+                row = bench_codec(codec, numel, channels, codec_dtype, device, repeats, warmup, fused=fused)
                 log(", ".join(f"{k}={row[k]}" for k in COLUMNS))
                 rows.append(row)
     return rows

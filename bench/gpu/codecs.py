@@ -16,10 +16,13 @@ compiling the kernels for each checked shape.
    float32 outputs and the input's dtype (on the GPU the float32 -> bfloat16
    cast rounds to nearest even, unlike the interpreter's); stochastic rounding
    is deterministic for a seed, within one step, and unbiased on average over
-   64 seeds; ``bool1`` round-trips bit for bit; ``torch.library.opcheck``
+   64 seeds; ``bf16`` matches PyTorch's float32 -> bfloat16 conversion bit
+   for bit and rounds stochastically to a neighbour without bias; ``bool1``
+   round-trips bit for bit; ``torch.library.opcheck``
    passes on CUDA inputs.
 2. Throughput at 16M, 64M and 256M bfloat16 elements (4096 channels; ``bool1``
-   on masks of the same element count): compress and decompress GB/s and their
+   on masks of the same element count, ``bf16`` on float32, the only dtype it
+   takes): compress and decompress GB/s and their
    fraction of the copy bandwidth measured on the same tensor (see
    ``bench/bench_codecs.py``).
 
@@ -161,6 +164,40 @@ def check_bool1(checks: Checks, codec, device) -> None:
         checks.add(False, "bool1 opcheck on CUDA", repr(exc)[:300])
 
 
+def check_bf16(checks: Checks, codec, device) -> None:
+    """float32 -> bfloat16 as PyTorch converts on the GPU, and stochastic rounding to a neighbour."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    cases = [torch.randn(shape, generator=gen, device=device).mul(3.0) for shape in CHECK_SHAPES]
+    special = _special(45, device)
+    special[5, :3] = torch.tensor([3.4e38, -3.4e38, 1.0 + 2**-8], device=device)
+    cases += [special, torch.randn(40, 6, generator=gen, device=device).t()]
+    for x in cases:
+        where = f"bf16 {list(x.shape)}"
+        got = codec.compress_op(x)
+        checks.payloads(got, [x.to(torch.bfloat16).contiguous()], f"{where} compress == PyTorch's conversion")
+        checks.payloads(got, codec.reference_compress(x.cpu()), f"{where} compress == reference on CPU")
+        dec = codec.decompress_op(*got, list(x.shape), torch.float32)
+        ok, why = _same(dec, got[0].float())
+        checks.add(ok and dec.is_contiguous(), f"{where} decompress", why)
+        first = codec.compress_op(x, True, 7)
+        checks.payloads(first, codec.compress_op(x, True, 7), f"{where} stochastic deterministic for a seed")
+        finite = torch.isfinite(x)
+        down = x.contiguous().view(torch.int32).long() & ~0xFFFF
+        bits = first[0].float().view(torch.int32).long()
+        neighbour = ((bits == down) | (bits == down + 0x10000))[finite].all().item()
+        checks.add(bool(neighbour), f"{where} stochastic rounds to a neighbouring bfloat16")
+    z = torch.full((1 << 20,), 1.0 + 2**-10, device=device)
+    mean = codec.compress_op(z, True, 1)[0].double().mean().item()
+    checks.add(abs(mean - (1.0 + 2**-10)) < 1e-5, "bf16 stochastic unbiased", f"mean {mean:.7f} vs {1 + 2**-10:.7f}")
+    small = torch.randn(3, 37, device=device)
+    try:
+        torch.library.opcheck(codec.compress_op, (small, False, 0))
+        torch.library.opcheck(codec.decompress_op, (*codec.compress_op(small), [3, 37], torch.float32))
+        checks.add(True, "bf16 opcheck on CUDA")
+    except Exception as exc:
+        checks.add(False, "bf16 opcheck on CUDA", repr(exc)[:300])
+
+
 def int8_group_parts(numel: int, channels: int, device) -> list[str]:
     """Where ``int8_group`` compress spends its time: the whole op, its channel abs-max pass and
     its outlier selection, next to a copy (median of ``do_bench``, after the tuned op ran)."""
@@ -235,6 +272,10 @@ def main(argv=None) -> int:
             check_bool1(checks, codecs.get_codec("bool1"), device)
         except Exception:
             checks.add(False, "bool1 checks raised", traceback.format_exc()[-1500:])
+        try:
+            check_bf16(checks, codecs.get_codec("bf16"), device)
+        except Exception:
+            checks.add(False, "bf16 checks raised", traceback.format_exc()[-1500:])
         summary = f"{len(checks.lines) - checks.failed} passed, {checks.failed} failed"
         (out / "codecs_gpu_check.txt").write_text("\n".join(checks.lines + [summary]) + "\n")
         print(f"checks: {summary} ({time.perf_counter() - started:.0f} s)", flush=True)
