@@ -297,7 +297,6 @@ def plan_and_partition(
     recomputable = [c for c in info.candidates if c not in info.not_recomputable]
     t_cost = time.perf_counter()
     costs = cost_model.recompute_costs(recomputable)
-    bool_credits = cost_model.bool_load_credits(recomputable)
     t_cost = time.perf_counter() - t_cost
 
     t_codec = time.perf_counter()
@@ -333,7 +332,6 @@ def plan_and_partition(
                 codec_options=codec_options,
                 seed=stock_choices,
                 noise_budget=config.plan_noise_budget,
-                bool_credits=bool_credits,
             )
         except InfeasibleBudgetError as err:
             # The error carries the smallest-peak plan, and an earlier compile

@@ -406,11 +406,6 @@ def roofline_seconds(node: torch.fx.Node, *, device_kind: str) -> float:
 # enough that the kernels, not the calls, dominate (256K: ~40-120 us on 2 CPU cores).
 _BOOL_READ_ELEMENTS = 1 << 18
 
-# Smallest bool-load credit the planner is given a column for (see
-# CostModel.bool_load_credits): the one-hot of a 512-token cross-entropy over
-# 512 classes sheds about 0.4 ms, a small mask a few microseconds.
-_MIN_BOOL_CREDIT_S = 20e-6
-
 # Share of a fused op's measured time charged however little traffic the
 # roofline leaves it: the bandwidth constants are rough.
 _FUSED_FLOOR = 0.1
@@ -428,18 +423,6 @@ def fused_recompute_seconds(node: torch.fx.Node, measured_s: float, *, device_ki
     return max(measured_s - node_bytes(node) / spec.bandwidth, _FUSED_FLOOR * measured_s)
 
 
-def _numel(node: torch.fx.Node) -> int:
-    """Elements of the tensors ``node`` produces."""
-    return sum(math.prod(_tensor_geometry(t, fallback=_UNBACKED_FALLBACK)[0]) for t in _tensors_in(_val(node)))
-
-
-def bool_input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The inputs of ``node`` that are bool tensors."""
-    return [
-        a for a in node.all_input_nodes if any(t.dtype == torch.bool for t in _tensors_in(_val(a)))
-    ]
-
-
 def bool_inputs_and_inlined_elements(node: torch.fx.Node) -> tuple[int, int]:
     """Bool tensors ``node`` reads, and the elements of the kernels that inline it.
 
@@ -450,7 +433,11 @@ def bool_inputs_and_inlined_elements(node: torch.fx.Node) -> tuple[int, int]:
     bools = 0
     for v in _input_vals(node):
         bools += sum(1 for t in _tensors_in(v) if t.dtype == torch.bool)
-    return bools, sum(_numel(user) for user in node.users)
+    elements = 0
+    for user in node.users:
+        for t in _tensors_in(_val(user)):
+            elements += math.prod(_tensor_geometry(t, fallback=_UNBACKED_FALLBACK)[0])
+    return bools, elements
 
 
 # --------------------------------------------------------------------------- #
@@ -985,43 +972,10 @@ class CostModel:
             costs[c] = fused_recompute_seconds(c, costs[c], device_kind=self.device_kind(c))
             bools, elements = bool_inputs_and_inlined_elements(c)
             if bools:
-                # Its readers' kernels load the bool input(s) element by
-                # element, in place of its own kernel, whose loads its
-                # measured time holds.
-                per = self.bool_read_seconds(self._measure_device(c))
-                own = bools * _numel(c) * per
-                costs[c] = max(costs[c] - own, 0.0) + bools * elements * per
+                # Its readers' kernels load the bool input(s) element by element.
+                costs[c] += bools * elements * self.bool_read_seconds(self._measure_device(c))
         log.debug("adacc: %d of %d recomputable values fuse into their readers", len(fused), len(nodes))
         return costs
-
-    def bool_load_credits(self, nodes: Iterable[torch.fx.Node]) -> dict[tuple[torch.fx.Node, torch.fx.Node], float]:
-        """Per (value, bool input), both among ``nodes``: what recomputing the input too saves.
-
-        A recomputed value inlined into its readers pays for loading each bool
-        input per element of their kernels (:meth:`recompute_costs`). When
-        the bool input is itself recomputed and inlined (a comparison, say),
-        the readers compute it in registers and load nothing: the value's
-        recompute cost drops by that charge. The planner credits it when it
-        recomputes both. Pairs worth less than ``_MIN_BOOL_CREDIT_S`` are left
-        out: each is one more column in the MILP.
-        """
-        from adacc_compiler.passes.liveness import fuses_into_users
-
-        nodes = list(nodes)
-        members = set(nodes)
-        credits: dict[tuple[torch.fx.Node, torch.fx.Node], float] = {}
-        for c in nodes:
-            if not fuses_into_users(c):
-                continue
-            inputs = [a for a in bool_input_nodes(c) if a in members and fuses_into_users(a)]
-            if not inputs:
-                continue
-            _, elements = bool_inputs_and_inlined_elements(c)
-            charge = elements * self.bool_read_seconds(self._measure_device(c))
-            if charge >= _MIN_BOOL_CREDIT_S:
-                for a in inputs:
-                    credits[(c, a)] = charge
-        return credits
 
     def bool_read_seconds(self, device: torch.device) -> float:
         """Extra seconds per element when an Inductor kernel reads a bool tensor instead of a float one.

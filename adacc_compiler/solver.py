@@ -173,7 +173,6 @@ class _Model:
         banned_pairs: Sequence[tuple[fx.Node, fx.Node]] = (),
         codec_options: dict[fx.Node, Sequence[CodecOption]] | None = None,
         noise_budget: float = math.inf,
-        bool_credits: dict[tuple[fx.Node, fx.Node], float] | None = None,
     ):
         self.info = info
         self.banned_pairs = tuple(banned_pairs)
@@ -263,22 +262,9 @@ class _Model:
                 if any(u in relevant or u in info.bw_pos for u in p.users):
                     self.keep_col[p] = new_col(0.0)
 
-        # Bool-load credits (CostModel.bool_load_credits): a continuous z per
-        # pair of recompute columns, z <= each, at cost -credit, so z is
-        # min(rec[c], rec[a]) in any optimum: recomputing both sheds the charge.
-        pair_credit: dict[tuple[int, int], float] = {}
-        for (c, a), credit in (bool_credits or {}).items():
-            rc, ra = self.rec_col.get(c), self.rec_col.get(a)
-            if rc is not None and ra is not None and rc != ra:
-                pair_credit[(rc, ra)] = pair_credit.get((rc, ra), 0.0) + credit
-        self.credit_fill = [(new_col(-credit), rc, ra) for (rc, ra), credit in sorted(pair_credit.items())]
-
         # Logical rows: list of (indices, coefs, lower, upper). Shared columns make
         # duplicate rows; they are removed by a set.
         rows: set[tuple[tuple[tuple[int, float], ...], float, float]] = set()
-        for z, rc, ra in self.credit_fill:
-            rows.add((((z, 1.0), (rc, -1.0)), -math.inf, 0.0))
-            rows.add((((z, 1.0), (ra, -1.0)), -math.inf, 0.0))
         infeasible_reasons: list[str] = []
         for c in self.relevant:
             r = self.rec_col.get(c)
@@ -316,7 +302,7 @@ class _Model:
         # Memory terms: (column, bytes, start point, end point) on backward positions.
         terms: list[tuple[int, int, float, float]] = []
         extra_rows: list[tuple[list[tuple[int, float]], float, float]] = []
-        self.pull_cols: set[int] = {z for z, _, _ in self.credit_fill}
+        self.pull_cols: set[int] = set()
         for c in self.relevant:
             if c in self.save_col and iv.bytes_saved.get(c, 0) and iv.last_saved[c] >= 0:
                 terms.append((self.save_col[c], iv.bytes_saved[c], -1.0, iv.last_saved[c]))
@@ -519,8 +505,6 @@ class _Model:
         for z, sources, rw, prev in self.pull_fill:
             pulled = x[rw] > 0.5 and any(x[k] > 0.5 for k in sources)
             x[z] = 1.0 if pulled or (prev is not None and x[prev] > 0.5) else 0.0
-        for z, rc, ra in self.credit_fill:
-            x[z] = 1.0 if x[rc] > 0.5 and x[ra] > 0.5 else 0.0
         delta = np.zeros(len(self.points) + 1)
         for col, size, a, b in self.mem_terms:
             if x[col] > 0.5:
@@ -1030,7 +1014,6 @@ def solve_plan(
     seed: tuple[set[str], set[str]] | None = None,
     highs_seed: int = DEFAULT_HIGHS_SEED,
     noise_budget: float = math.inf,
-    bool_credits: dict[tuple[fx.Node, fx.Node], float] | None = None,
 ) -> SolveResult:
     """Choose retain / recompute / compress / drop for every candidate under ``budget_bytes``.
 
@@ -1041,9 +1024,7 @@ def solve_plan(
     seed for the cost MILPs (the smallest-peak search always uses 0).
     ``noise_budget`` bounds the plan's summed relative quantisation noise:
     the sum of ``10 ** (-sqnr_db / 10)`` over every value it gives a lossy
-    codec (one MILP row over the compress columns). ``bool_credits`` are
-    what recomputing a value's bool input too saves on the value's recompute
-    cost (:meth:`CostModel.bool_load_credits`).
+    codec (one MILP row over the compress columns).
 
     The MILP's intervals charge recompute chains one link at a time, so a plan
     is then judged on the intervals it implies itself; if that peak overflows,
@@ -1058,7 +1039,6 @@ def solve_plan(
     rounds = dict(
         time_limit=time_limit, mip_gap=mip_gap, share_layers=share_layers, max_rounds=max_rounds,
         codec_options=codec_options, seed=seed, highs_seed=highs_seed, noise_budget=noise_budget,
-        bool_credits=bool_credits,
     )
     fitted, res, timed_out = _learning_rounds(info, iv, costs, budget_bytes, **rounds)
     if fitted is not None:
@@ -1074,7 +1054,6 @@ def solve_plan(
             res = _solve_once(
                 info, iv, costs, target, time_limit, mip_gap, share_layers, (), codec_options,
                 exact_heads=True, seed=seed, previous=res, highs_seed=highs_seed, noise_budget=noise_budget,
-                bool_credits=bool_credits,
             )
         except (_NoPlanInTime, _ModelInfeasible) as stop:
             log.debug("exact-head MILP: no plan (%s)", type(stop).__name__)
@@ -1109,8 +1088,7 @@ def solve_plan(
     best = None
     for exact in (True, False):
         model = _Model(
-            info, iv, costs, False, exact_heads=exact, codec_options=codec_options, noise_budget=noise_budget,
-            bool_credits=bool_credits,
+            info, iv, costs, False, exact_heads=exact, codec_options=codec_options, noise_budget=noise_budget
         )
         x, _ = _min_peak_solution(model, time_limit=time_limit)
         save, recompute, keep, compress = model.decisions(x)
@@ -1173,7 +1151,6 @@ def _learning_rounds(
     seed,
     highs_seed: int,
     noise_budget: float,
-    bool_credits: dict[tuple[fx.Node, fx.Node], float] | None,
 ) -> tuple[SolveResult | None, SolveResult | None, str | None]:
     """The MILP on intervals ``iv``, re-solved on what its plans show until one fits.
 
@@ -1194,7 +1171,7 @@ def _learning_rounds(
         try:
             res = _solve_once(
                 info, learning, costs, target, time_limit, mip_gap, share_layers, banned, codec_options, seed=seed,
-                previous=res, highs_seed=highs_seed, noise_budget=noise_budget, bool_credits=bool_credits,
+                previous=res, highs_seed=highs_seed, noise_budget=noise_budget,
             )
         except _NoPlanInTime as stop:
             # The smallest-peak plan below is the answer (or the infeasibility
@@ -1220,10 +1197,7 @@ def _learning_rounds(
                 break
             continue
         own_iv = model_intervals(info, res.recompute)
-        own = _Model(
-            info, own_iv, costs, False, codec_options=codec_options, noise_budget=noise_budget,
-            bool_credits=bool_credits,
-        )
+        own = _Model(info, own_iv, costs, False, codec_options=codec_options, noise_budget=noise_budget)
         x_own = own.vector(res.save, res.recompute, res.keep_primals, res.compress)
         profile = own.memory_profile(x_own)
         res.predicted_peak = int(profile.max(initial=0.0))
@@ -1372,7 +1346,6 @@ def _solve_once(
     previous: SolveResult | None = None,
     highs_seed: int = DEFAULT_HIGHS_SEED,
     noise_budget: float = math.inf,
-    bool_credits: dict[tuple[fx.Node, fx.Node], float] | None = None,
 ) -> SolveResult:
     import highspy
 
@@ -1386,7 +1359,6 @@ def _solve_once(
         codec_options=codec_options,
         exact_heads=exact_heads,
         noise_budget=noise_budget,
-        bool_credits=bool_credits,
     )
     budget = float(budget_bytes)
     greedy = _greedy(
@@ -1424,7 +1396,7 @@ def _solve_once(
             return _solve_once(
                 info, iv, costs, budget_bytes, time_limit, mip_gap, False, banned, codec_options,
                 exact_heads=exact_heads, seed=seed, previous=previous, highs_seed=highs_seed,
-                noise_budget=noise_budget, bool_credits=bool_credits,
+                noise_budget=noise_budget,
             )
         if status != highspy.HighsModelStatus.kInfeasible:
             raise _NoPlanInTime(status_name)

@@ -53,9 +53,7 @@ def main() -> int:
 
     joint = llama_joint(args.layers)
     gm, info, stock, seed = joint.gm, joint.info, joint.stock, joint.seed
-    cost_model = CostModel(profile=args.cost_cache is not None, cache_dir=args.cost_cache)
-    costs = joint.recompute_costs(cost_model)
-    bool_credits = joint.bool_load_credits(cost_model)
+    costs = joint.recompute_costs(CostModel(profile=args.cost_cache is not None, cache_dir=args.cost_cache))
     rows = []
     print(f"llama {args.layers} layers: {len(gm.graph.nodes)} joint nodes, {len(info.fw_nodes)} forward, "
           f"{len(info.bw_nodes)} backward, {len(info.candidates)} candidates, {info.num_layers} repeated layers "
@@ -67,7 +65,7 @@ def main() -> int:
             budget = int(fraction * stock.peak)
             try:
                 res = solve_plan(info, costs, budget_bytes=budget, time_limit=args.time_limit, mip_gap=args.gap,
-                                 share_layers=True, seed=seed, highs_seed=highs_seed, bool_credits=bool_credits)
+                                 share_layers=True, seed=seed, highs_seed=highs_seed)
             except InfeasibleBudgetError as err:
                 print(f"{highs_seed:4d} {fraction:6.2f} infeasible: {err}")
                 rows.append({"highs_seed": highs_seed, "budget": fraction, "status": "infeasible", "error": str(err)})

@@ -29,10 +29,6 @@ class LlamaJoint:
         """What the backend charges for recomputing each candidate, from ``cost_model``."""
         return cost_model.recompute_costs([c for c in self.info.candidates if c not in self.info.not_recomputable])
 
-    def bool_load_credits(self, cost_model) -> dict[tuple[fx.Node, fx.Node], float]:
-        """What the backend credits for recomputing a value's bool input with it (see CostModel)."""
-        return cost_model.bool_load_credits([c for c in self.info.candidates if c not in self.info.not_recomputable])
-
 
 def llama_joint(layers: int) -> LlamaJoint:
     from models import llama

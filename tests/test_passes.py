@@ -638,30 +638,3 @@ def test_rounds_are_solved_again_on_a_wider_window_when_nothing_fits(blocks_grap
     assert res.predicted_peak <= budget
     fw, bw = partition_with_plan(info, save=res.save, recompute=res.recompute, keep_primals=res.keep_primals)
     assert simulate(info, fw, bw).peak <= budget * 1.02
-
-
-def test_bool_credit_column_refunds_the_charge_only_when_both_are_recomputed(blocks_graph):
-    # A credit between two recomputable values: a continuous column at or
-    # below both recompute columns, at minus the credit.
-    info = _info(blocks_graph)
-    costs = _unit_costs(info)
-    iv = model_intervals(info, window=S._window(info))
-    plain = S._Model(info, iv, costs, False)
-    c, a = [n for n in info.candidates if n in plain.rec_col and costs.get(n, 0) > 0][:2]
-    model = S._Model(info, iv, costs, False, bool_credits={(c, a): 5e-6})
-    assert model.num_cols == plain.num_cols + 1
-    ((z, rc, ra),) = model.credit_fill
-    assert (rc, ra) == (model.rec_col[c], model.rec_col[a]) and model.col_cost[z] == -5e-6 and z in model.pull_cols
-    for both in (False, True):
-        x = np.zeros(model.num_cols)
-        x[rc] = 1
-        x[ra] = 1 if both else 0
-        model.memory_profile(x)  # fills the credit column
-        assert x[z] == (1.0 if both else 0.0)
-        rows = [(t, lo, hi) for t, lo, hi in model.logical_rows if any(k == z for k, _ in t)]
-        assert len(rows) == 2 and all(sum(x[k] * v for k, v in t) <= hi + 1e-12 for t, lo, hi in rows)
-    # The objective of recomputing both, against the model without the credit.
-    xp, xm = plain.vector(set(), {c, a}, set()), model.vector(set(), {c, a}, set())
-    plain.memory_profile(xp)
-    model.memory_profile(xm)
-    assert float(np.dot(model.col_cost, xm)) == pytest.approx(float(np.dot(plain.col_cost, xp)) - 5e-6)
