@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from adacc_compiler.plan import noise_power
+
 __all__ = ["AdaccConfig", "parse_bytes", "ENV_VARS", "COMPRESS_MODES"]
 
 _UNITS = {
@@ -213,9 +215,7 @@ class AdaccConfig:
     @property
     def plan_noise_budget(self) -> float:
         """The bound ``min_plan_sqnr_db`` puts on a plan's summed relative noise power (inf: none)."""
-        if self.min_plan_sqnr_db is None:
-            return math.inf
-        return 10.0 ** (-self.min_plan_sqnr_db / 10.0)
+        return math.inf if self.min_plan_sqnr_db is None else noise_power(self.min_plan_sqnr_db)
 
     @classmethod
     def option_names(cls) -> list[str]:

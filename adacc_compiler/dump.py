@@ -276,7 +276,7 @@ def _plan_summary(plan: Plan) -> dict[str, Any]:
             c: sum(1 for d in plan.decisions if d.codec == c) for c in sorted({d.codec for d in plan.decisions if d.codec})
         },
         # Summed relative noise of the lossy codecs, in dB (null: none lossy).
-        "plan_sqnr_db": plan.plan_sqnr_db() if math.isfinite(plan.plan_sqnr_db()) else None,
+        "plan_sqnr_db": sqnr if math.isfinite(sqnr := plan.plan_sqnr_db()) else None,
         "solver_status": plan.solver.status,
         "solver_fallback": plan.solver.fallback,
     }

@@ -17,13 +17,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RETAIN", "RECOMPUTE", "COMPRESS", "DROP", "CHOICES", "Decision", "SolverSummary", "Plan", "MemoryTimeline"]
+__all__ = ["noise_power", "RETAIN", "RECOMPUTE", "COMPRESS", "DROP", "CHOICES", "Decision", "SolverSummary", "Plan", "MemoryTimeline"]
 
 RETAIN = "retain"
 RECOMPUTE = "recompute"
 COMPRESS = "compress"
 DROP = "drop"
 CHOICES = (RETAIN, RECOMPUTE, COMPRESS, DROP)
+
+
+def noise_power(sqnr_db: float) -> float:
+    """Quantisation noise power relative to the signal's, for an SQNR in dB."""
+    return 10.0 ** (-sqnr_db / 10.0)
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class Plan:
 
     def plan_sqnr_db(self) -> float:
         """The plan's combined SQNR: its lossy values' relative noise powers summed, in dB (inf: none)."""
-        noise = sum(10.0 ** (-d.sqnr_db / 10.0) for d in self.decisions if d.sqnr_db is not None)
+        noise = sum(noise_power(d.sqnr_db) for d in self.decisions if d.sqnr_db is not None)
         return math.inf if noise == 0 else -10.0 * math.log10(noise)
 
     def by_name(self) -> dict[str, Decision]:

@@ -95,9 +95,10 @@ _REFIT_NODES = 10
 _REFIT_TIME_SHARE = 0.25
 # An overflowing round's plan is refitted on its own intervals when it
 # overflows them by at most this share of the budget (the refit is the answer
-# when within the MIP gap, and otherwise only if no later round fits). Larger repairs rarely stay within the gap: on the 12-layer Llama
-# with measured costs, a plan 8.3% over (0.45) refitted to a fitting plan 6.7%
-# above the round's bound in 0.63 s, while plans 1.6-6% over refitted within it.
+# when within the MIP gap, and otherwise only if no later round fits). Larger
+# repairs rarely stay within the gap: on the 12-layer Llama with measured
+# costs, a plan 8.3% over (0.45) refitted to a fitting plan 6.7% above the
+# round's bound in 0.63 s, while plans 1.6-6% over refitted within it.
 _OWN_REFIT_MAX_OVERFLOW = 0.075
 # Factor on the pull window of the model solved again when no plan fitted on
 # the default one (see solve_plan).
@@ -189,7 +190,6 @@ class _Model:
         # Relative quantisation noise power each column adds to the plan (a
         # shared column: summed over the layers it decides for).
         self.col_noise: list[float] = []
-        self.noise_budget = noise_budget
         self.shared_layers = 0
 
         def new_col(cost: float, noise: float = 0.0) -> int:

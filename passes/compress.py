@@ -71,6 +71,7 @@ import torch
 import torch.fx as fx
 
 from adacc_compiler.passes.classify import JointGraphInfo
+from adacc_compiler.plan import noise_power
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class CodecOption:
     @property
     def noise(self) -> float:
         """Quantisation noise power relative to the value's power (0 for a lossless codec)."""
-        return 0.0 if self.sqnr_db is None else 10.0 ** (-self.sqnr_db / 10.0)
+        return 0.0 if self.sqnr_db is None else noise_power(self.sqnr_db)
 
 
 @dataclass
