@@ -186,8 +186,13 @@ class AdaccPartitioner(CustomPartitionerFn):
         )
 
 
-def _codec_options(info, menus, cost_model, *, stochastic: bool) -> dict[fx.Node, list]:
-    """Each offered codec with its payload bytes and measured encode + decode time."""
+def _codec_options(info, menus, cost_model, costs, *, stochastic: bool) -> dict[fx.Node, list]:
+    """Each offered codec with its payload bytes and measured encode + decode time.
+
+    A checkpoint's codec (the value is not read by the backward) is offered
+    only when it costs less than re-running the value's own op (``costs``):
+    storing it serves only to spare that op.
+    """
     from adacc_compiler.passes.compress import CodecOption, fusible_on, inlined_neighbours
     from adacc_compiler.triton_kernels import get_codec
 
@@ -220,6 +225,8 @@ def _codec_options(info, menus, cost_model, *, stochastic: bool) -> dict[fx.Node
             )
         # A codec that stores more than the value itself is never worth it.
         opts = [o for o in opts if o.nbytes < info.nbytes.get(node, 0)]
+        if menu.checkpoint:
+            opts = [o for o in opts if o.cost_s < costs.get(node, 0.0)]
         if opts:
             options[node] = opts
     return options
@@ -304,7 +311,7 @@ def plan_and_partition(
     codec_note = measure_menus(
         info, menus, real_inputs, min_sqnr_db=config.min_sqnr_db, stochastic=config.stochastic_rounding
     )
-    codec_options = _codec_options(info, menus, cost_model, stochastic=config.stochastic_rounding)
+    codec_options = _codec_options(info, menus, cost_model, costs, stochastic=config.stochastic_rounding)
     t_codec = time.perf_counter() - t_codec
 
     def partition(plan):

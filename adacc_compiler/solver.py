@@ -3,10 +3,11 @@
 Model (one joint graph):
 
 * Binary columns per candidate value ``c``: ``save[c]`` (the forward saves it),
-  ``recompute[c]`` (the backward rebuilds it) and, for a value read by the
-  backward, one ``compress[c, k]`` per codec ``k`` on its menu (the forward
-  saves the codec's payloads; the backward decodes them just before the
-  value's first reader); none of them means it is dropped.
+  ``recompute[c]`` (the backward rebuilds it) and, for a value with a codec
+  menu, one ``compress[c, k]`` per codec ``k`` on it (the forward saves the
+  codec's payloads; the backward decodes them just before the value's first
+  reader); none of them means it is dropped. A value the backward does not
+  read (a checkpoint) is compressed only for a recomputed reader.
   Non-parameter primals get a ``keep[p]`` column (saving an input holds it).
   Views of parameters and broadcast views are never saved (rebuilt for free).
 * Every boundary value (read by the backward) is saved, recomputed or
@@ -234,7 +235,7 @@ class _Model:
             # free; saved, Inductor may or may not materialise them, so their
             # saved size is not known in advance. Their bases are saved instead.
             can_save = is_tensor[c] and not (can_rec and (c in info.param_aliases or _is_broadcast_view(c)))
-            opts = codec_options.get(c, ()) if is_tensor[c] and c in boundary else ()
+            opts = codec_options.get(c, ()) if is_tensor[c] else ()
             if t is not None and (can_save == (t in self.save_col)) and (can_rec == (t in self.rec_col)) and (
                 (c in boundary) == (t in boundary)
             ) and menu_key(c) == menu_key(t):
@@ -277,6 +278,10 @@ class _Model:
                     infeasible_reasons.append(c.name)
                     continue
                 rows.add((terms, 1.0, math.inf))
+            elif c in self.comp_col:
+                # A checkpoint is stored compressed only for a recomputed reader.
+                readers = tuple((self.rec_col[u], -1.0) for u in c.users if u in self.rec_col)
+                rows.add((tuple((k, 1.0) for k in self.comp_col[c].values()) + readers, -math.inf, 0.0))
             if r is None:
                 continue
             for a in c.all_input_nodes:
@@ -310,11 +315,15 @@ class _Model:
                 terms.append((self.rec_col[c], iv.bytes_recomputed[c], iv.need[c], iv.last_recomputed[c]))
             if c in self.comp_col:
                 readers = [float(info.bw_pos[u]) for u in c.users if u in info.bw_pos]
-                assert readers, f"compressed value {c.name} has no backward reader"
                 # Decoded when first needed: by its first reader, or by the
-                # recomputed users the intervals count as pulling it.
-                decode = min(min(readers) - _DECODE_STEP, iv.need[c])
-                end = max(max(readers), iv.last_recomputed[c])
+                # recomputed users the intervals count as pulling it (a
+                # checkpoint has only those).
+                decode = min(min(readers, default=math.inf) - _DECODE_STEP, iv.need[c])
+                end = max(max(readers, default=-1.0), iv.last_recomputed[c])
+                if decode == math.inf:
+                    # A checkpoint no recomputation can read: its column
+                    # only costs time, so no plan takes it.
+                    continue
                 for o in codec_options[c]:
                     col = self.comp_col[c][o.codec]
                     terms.append((col, o.nbytes, -1.0, decode))

@@ -34,6 +34,14 @@ Three steps, each a function:
    ``compress_sensitive`` the attention tensors and the residual stream are
    offered the ``other`` menu as well. Values under :data:`MIN_BYTES`,
    non-contiguous values and integer tensors get no codec.
+
+   Besides the values the backward reads, a value only recomputation reads
+   (the output of a matrix multiply whose backward reads functions of it,
+   such as a SiLU's sigmoid) gets a menu by the same rules as a
+   **checkpoint**: stored compressed, the backward rebuilds its readers from
+   the decoded copy instead of running the matrix multiply again. Views are
+   not checkpoints (their base is), and a checkpoint's codec is offered only
+   where it costs less than re-running the value's own op.
 2. :func:`measure_menus` runs the forward once on the real inputs (the RNG
    state is restored afterwards) and measures every lossy codec's round trip
    on each value's actual data: a codec whose SQNR falls short of
@@ -70,7 +78,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from adacc_compiler.passes.classify import JointGraphInfo
+from adacc_compiler.passes.classify import JointGraphInfo, is_alias
 from adacc_compiler.plan import noise_power
 
 log = logging.getLogger(__name__)
@@ -169,6 +177,8 @@ class Menu:
     codecs: list[str]
     sqnr_db: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)  # codec -> why it was dropped
+    # Not read by the backward: only worth storing as a recompute source.
+    checkpoint: bool = False
 
 
 def _is_attention_op(target: object) -> bool:
@@ -249,8 +259,13 @@ def tensor_role(node: fx.Node) -> str:
     return "other"
 
 
-def _compressible(info: JointGraphInfo, node: fx.Node) -> str | None:
-    """Why ``node`` takes no codec at all, or None."""
+def _compressible(info: JointGraphInfo, node: fx.Node, *, recomputable: set[fx.Node] | None = None) -> str | None:
+    """Why ``node`` takes no codec at all, or None.
+
+    With ``recomputable`` (the candidates the backward may rebuild), ``node``
+    is judged as a compressed checkpoint only: a value the backward does not
+    read itself but may rebuild recomputable values from.
+    """
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return "not a tensor"
@@ -268,13 +283,26 @@ def _compressible(info: JointGraphInfo, node: fx.Node) -> str | None:
         return "not contiguous and read by more than matrix multiplies"
     if any(u.op == "output" for u in node.users):
         return "returned by the graph"
+    if recomputable is not None:
+        if is_alias(node):
+            # A view rebuilds for free from its base; the base is the one to store.
+            return "a view"
+        if not any(u in recomputable for u in node.users):
+            return "nothing recomputable reads it"
+        return None
     if not any(u in info.bw_pos for u in node.users):
         return "not read by the backward"
     return None
 
 
 def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.Node, Menu]:
-    """The codec menu of every value the backward reads (before error checks).
+    """The codec menu of every value the backward reads (before error checks),
+    and of every compressed-checkpoint candidate.
+
+    A checkpoint candidate is a value the backward does not read but may
+    rebuild recomputed values from (the output of a matrix multiply whose
+    readers are cheap elementwise ops, say): storing it compressed spares
+    re-running its producer. Its role and menu follow the same rules.
 
     ``mode`` is the ``compress`` option: ``"lossy"``, ``"lossless"`` or ``"off"``.
     """
@@ -283,8 +311,13 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.
     menus: dict[fx.Node, Menu] = {}
     if mode == "off":
         return menus
-    for node in info.boundary:
-        if node.op != "call_function" or _compressible(info, node) is not None:
+    boundary = set(info.boundary)
+    recomputable = set(info.candidates) - set(info.not_recomputable)
+    for node in info.candidates:
+        if node.op != "call_function":
+            continue
+        source = node not in boundary
+        if _compressible(info, node, recomputable=recomputable if source else None) is not None:
             continue
         role = tensor_role(node)
         if role == "none":
@@ -294,6 +327,8 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.
         if sensitive and role in SENSITIVE_ROLES:
             names = list(MENUS["other"])
             rule = f"{role}, lossy codecs allowed by compress_sensitive"
+        if source:
+            rule = f"{rule}; checkpoint (the backward rebuilds its readers from it)"
         val = node.meta["val"]
         offered = []
         for name in names:
@@ -303,7 +338,7 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.
             if mode == "lossless" and not codec.lossless:
                 continue
             offered.append(name)
-        menus[node] = Menu(role=role, rule=rule, codecs=offered)
+        menus[node] = Menu(role=role, rule=rule, codecs=offered, checkpoint=source)
     return menus
 
 
@@ -314,9 +349,11 @@ def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     signal = x.pow(2).sum().item()
     if noise == 0.0:
         return math.inf
-    if signal == 0.0:
+    ratio = signal / noise
+    if not ratio > 0.0:
+        # No signal, or a decode that overflowed (noise inf), or NaN.
         return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return 10.0 * math.log10(ratio)
 
 
 def _run_forward(info: JointGraphInfo, primals: Sequence[torch.Tensor], wanted: set[fx.Node]) -> Iterator[tuple[fx.Node, torch.Tensor]]:
@@ -466,6 +503,9 @@ def inlined_neighbours(info: JointGraphInfo, node: fx.Node) -> tuple[bool, bool]
     forward_readers = [u for u in _consumers(producer) if info.is_fw(u)]
     encode = _joins_kernels(producer) or any(_joins_kernels(u) for u in forward_readers)
     backward_readers = [u for u in _consumers(node) if u in info.bw_pos]
+    if not backward_readers:
+        # A checkpoint: its readers are the rebuilt copies of its forward readers.
+        backward_readers = forward_readers if producer is node else [u for u in _consumers(node) if info.is_fw(u)]
     decode = bool(backward_readers) and all(_joins_kernels(u) for u in backward_readers)
     return encode, decode
 
@@ -683,8 +723,8 @@ def codecs_inserted(
             codec = get_codec(compress[node])
             val = node.meta["val"]
             assert any(
-                u in info.bw_pos for u in node.users
-            ), f"adacc internal error: {node.name} is compressed but no backward node reads it"
+                u in info.bw_pos or u in recompute for u in node.users
+            ), f"adacc internal error: {node.name} is compressed but neither the backward nor a recomputed value reads it"
             shape = [int(s) for s in val.shape]
             if fusible_on(val.device, stochastic=stochastic, codec=codec.name, shape=shape):
                 items, dec = _insert_traced(info.gm, codec, node, decode_at, added, attrs)

@@ -162,6 +162,11 @@ def test_sqnr_db():
     x = torch.randn(1000, dtype=torch.float64)
     assert sqnr_db(x, x) == math.inf
     assert abs(sqnr_db(x, x * 1.01) - 40.0) < 1e-6
+    # A decode that overflowed is no approximation at all (not an error).
+    y = x.clone()
+    y[0] = math.inf
+    assert sqnr_db(x, y) == -math.inf
+    assert sqnr_db(torch.zeros(4), torch.ones(4)) == -math.inf
 
 
 # --------------------------------------------------------------------------- rewrite
@@ -172,7 +177,7 @@ def test_insertion_is_undone():
     info = _info(gm, kwargs)
     menus = codec_menus(info, mode="lossy", sensitive=False)
     before = str(gm.graph)
-    choice = {n: m.codecs[0] for n, m in menus.items() if m.codecs}
+    choice = {n: m.codecs[0] for n, m in menus.items() if m.codecs and not m.checkpoint}
     assert choice
     with codecs_inserted(info, choice) as payloads:
         assert set(payloads) == set(choice)
@@ -186,7 +191,7 @@ def test_partition_saves_payloads_not_values(stochastic):
     gm, inputs, kwargs, params = _mlp_joint()
     info = _info(gm, kwargs)
     menus = codec_menus(info, mode="lossy", sensitive=False)
-    compress = {n: m.codecs[0] for n, m in menus.items() if m.codecs}
+    compress = {n: m.codecs[0] for n, m in menus.items() if m.codecs and not m.checkpoint}
     save = {b for b in info.boundary if b.op == "call_function" and b not in compress}
     keep = {p for p in info.boundary if p.op == "placeholder" and p not in info.param_primals}
     fw, bw = partition_with_plan(
@@ -361,6 +366,103 @@ def test_fused_cpu_path_matches_the_ops(codec_name, channels):
     via_ops = codec.decompress_op(*codec.compress_op(x), shape, x.dtype)
     # The same payloads as the ops, so the same round trip.
     assert torch.equal(got, via_ops)
+
+
+def _gated_joint(width=128, depth=3, batch=64):
+    """Layers ``tanh(z) * sigmoid(z)`` of a linear's output ``z``: the backward
+    reads the tanh and the sigmoid, never ``z`` itself."""
+    torch.manual_seed(0)
+    params = []
+    for _ in range(depth):
+        layer = nn.Linear(width, width)
+        params += [layer.weight.detach().requires_grad_(), layer.bias.detach().requires_grad_()]
+    x = torch.randn(batch, width)
+
+    def loss(*args):
+        *ps, h = args
+        for i in range(depth):
+            z = F.linear(h, ps[2 * i], ps[2 * i + 1])
+            h = torch.tanh(z) * torch.sigmoid(z)
+        return h.pow(2).mean()
+
+    gm, inputs, kwargs = trace_joint(loss, *params, x, static=tuple(range(len(params))))
+    return gm, inputs, kwargs, [*params, x], loss
+
+
+def test_checkpoint_menus_cover_values_only_recomputation_reads():
+    gm, inputs, kwargs, params, _ = _gated_joint()
+    info = _info(gm, kwargs)
+    menus = codec_menus(info, mode="lossy", sensitive=False)
+    boundary = set(info.boundary)
+    checkpoints = {n for n, m in menus.items() if m.checkpoint}
+    # The linear layers' outputs: the backward reads only functions of them.
+    linear = {n for n in info.candidates if n.target is aten.addmm.default}
+    assert len(linear) == 3 and linear <= checkpoints, sorted(n.name for n in checkpoints)
+    for node, menu in menus.items():
+        assert menu.checkpoint == (node not in boundary), node
+        assert menu.codecs and set(menu.codecs) <= set(MENUS[menu.role])
+    for node in checkpoints:
+        assert "checkpoint" in menus[node].rule
+        assert any(u in info.candidates and u not in info.not_recomputable for u in node.users)
+    # Views are never checkpoints: their base is (a view rebuilds for free).
+    from adacc_compiler.passes.classify import is_alias
+
+    assert not any(is_alias(n) for n in checkpoints)
+
+
+def test_solver_stores_an_expensive_producer_as_a_compressed_checkpoint():
+    # The linear layers cost far more to rebuild than their bfloat16 round
+    # trip: under a tight budget the plan keeps one compressed and rebuilds
+    # its tanh and sigmoid from the decoded copy (one half-size payload
+    # instead of two values) where retain/recompute runs the layer again. The plan fits, its
+    # peak matches the exact simulation of its partition, and the gradients
+    # stay within bfloat16's error of autograd's.
+    from adacc_compiler import solver as S
+    from adacc_compiler.backend import stock_partition
+    from adacc_compiler.passes.compress import CodecOption
+
+    gm, inputs, kwargs, params, loss_fn = _gated_joint()
+    info = _info(gm, kwargs)
+    menus = codec_menus(info, mode="lossy", sensitive=False)
+    costs = {c: (1e-3 if c.target is aten.addmm.default else 1e-6) for c in info.candidates if c not in info.not_recomputable}
+    bf16 = get_codec("bf16")
+    options = {
+        n: [CodecOption(codec="bf16", nbytes=bf16.compressed_nbytes(tuple(n.meta["val"].shape), torch.float32),
+                        cost_s=1e-5, sqnr_db=55.0)]
+        for n, m in menus.items()
+        if m.checkpoint
+    }
+    fw_s, bw_s = stock_partition(gm, inputs, num_fwd_outputs=kwargs["num_fwd_outputs"],
+                                 static_lifetime_input_indices=kwargs["static_lifetime_input_indices"])
+    budget = int(0.4 * simulate(info, fw_s, bw_s).peak)
+
+    def solve(opts):
+        return S.solve_plan(info, costs, budget_bytes=budget, time_limit=10, mip_gap=0.0, share_layers=False,
+                            codec_options=opts)
+
+    plain, ckpt = solve({}), solve(options)
+    assert ckpt.compress and set(ckpt.compress) <= set(options), ckpt.compress
+    # Without checkpoints, a linear layer is run again (1 ms).
+    assert plain.objective_s >= 1e-3 > 10 * ckpt.objective_s, (plain.objective_s, ckpt.objective_s)
+    fw, bw = partition_with_plan(info, save=ckpt.save, recompute=ckpt.recompute, keep_primals=ckpt.keep_primals,
+                                 compress=ckpt.compress)
+    tl = simulate(info, fw, bw)
+    assert tl.peak <= budget
+    assert abs(ckpt.predicted_peak - tl.peak) <= 0.05 * tl.peak
+    saved = {n.name for n in bw.graph.find_nodes(op="placeholder")}
+    assert saved.isdisjoint(n.name for n in ckpt.compress)
+    rebuilt = [n for n in bw.graph.nodes if "adacc_recompute_of" in n.meta]
+    assert rebuilt, "nothing was rebuilt from a decoded checkpoint"
+
+    real = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        out = fw(*real)
+    grads = [g for g in bw(*out[1:], torch.ones_like(out[0])) if g is not None]
+    eager = [p.detach().clone().requires_grad_() for p in params]
+    loss_fn(*eager).backward()
+    want = [p.grad for p in eager[:-1]]
+    errors = [((g - w).norm() / w.norm()).item() for g, w in zip(grads, want)]
+    assert len(grads) == len(want) and max(errors) <= 1e-2, errors
 
 
 @pytest.mark.slow
