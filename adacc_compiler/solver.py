@@ -1230,7 +1230,9 @@ def _learning_rounds(
         # Learn from the plan where it overflows; lower the target only when
         # there is nothing left to learn.
         over = [own.points[k] for k in range(len(own.points)) if profile[k] > budget_bytes]
-        learned = _learn_overflowing_intervals(learning, own_iv, res.recompute, over)
+        # A compressed value's decoded copy is pulled like a recomputed value.
+        pulled = set(res.recompute) | set(res.compress)
+        learned = _learn_overflowing_intervals(learning, own_iv, pulled, over)
         log.debug("learned %d heads/tails from the plan's own intervals", learned)
         if learned:
             continue
@@ -1257,7 +1259,8 @@ def _learn_overflowing_intervals(
 ) -> int:
     """Move ``learning``'s heads and tails to a plan's own where that plan overflows; how many moved.
 
-    A recomputed value whose own interval covers an overflow point in
+    A recomputed value (or the decoded copy of a compressed one) whose own
+    interval covers an overflow point in
     ``over`` is charged from then on with the head (and tail) that interval
     showed, which a chain of pulls may have moved past what the windowed
     model assumed. Intervals that grew where the plan fits overflowed nothing

@@ -410,14 +410,9 @@ def test_checkpoint_menus_cover_values_only_recomputation_reads():
     assert not any(is_alias(n) for n in checkpoints)
 
 
-def test_solver_stores_an_expensive_producer_as_a_compressed_checkpoint():
-    # The linear layers cost far more to rebuild than their bfloat16 round
-    # trip: under a tight budget the plan keeps one compressed and rebuilds
-    # its tanh and sigmoid from the decoded copy (one half-size payload
-    # instead of two values) where retain/recompute runs the layer again. The plan fits, its
-    # peak matches the exact simulation of its partition, and the gradients
-    # stay within bfloat16's error of autograd's.
-    from adacc_compiler import solver as S
+def _gated_problem():
+    """The gated layers' joint graph, costs that make each linear layer 1 ms to
+    rebuild, a cheap bfloat16 option for every checkpoint, and stock's peak."""
     from adacc_compiler.backend import stock_partition
     from adacc_compiler.passes.compress import CodecOption
 
@@ -434,7 +429,20 @@ def test_solver_stores_an_expensive_producer_as_a_compressed_checkpoint():
     }
     fw_s, bw_s = stock_partition(gm, inputs, num_fwd_outputs=kwargs["num_fwd_outputs"],
                                  static_lifetime_input_indices=kwargs["static_lifetime_input_indices"])
-    budget = int(0.4 * simulate(info, fw_s, bw_s).peak)
+    return info, costs, options, simulate(info, fw_s, bw_s).peak, params, loss_fn
+
+
+def test_solver_stores_an_expensive_producer_as_a_compressed_checkpoint():
+    # The linear layers cost far more to rebuild than their bfloat16 round
+    # trip: under a tight budget the plan keeps one compressed and rebuilds
+    # its tanh and sigmoid from the decoded copy (one half-size payload
+    # instead of two values) where retain/recompute runs the layer again. The
+    # plan fits, its peak matches the exact simulation of its partition, and
+    # the gradients stay within bfloat16's error of autograd's.
+    from adacc_compiler import solver as S
+
+    info, costs, options, stock_peak, params, loss_fn = _gated_problem()
+    budget = int(0.4 * stock_peak)
 
     def solve(opts):
         return S.solve_plan(info, costs, budget_bytes=budget, time_limit=10, mip_gap=0.0, share_layers=False,
@@ -463,6 +471,26 @@ def test_solver_stores_an_expensive_producer_as_a_compressed_checkpoint():
     want = [p.grad for p in eager[:-1]]
     errors = [((g - w).norm() / w.norm()).item() for g, w in zip(grads, want)]
     assert len(grads) == len(want) and max(errors) <= 1e-2, errors
+
+
+@pytest.mark.parametrize("fraction", [0.45, 0.4, 0.35])
+def test_codec_options_never_make_a_plan_dearer(fraction):
+    # Options only add choices: at gap 0 a plan with them costs at most what
+    # one without them does. (The rounds that re-solve an overflowing plan
+    # once learned only recomputed values' intervals; a decoded checkpoint
+    # pulled early overflowed round after round, and at 0.35 the plan with
+    # options came out dearer.)
+    from adacc_compiler import solver as S
+
+    info, costs, options, stock_peak, _, _ = _gated_problem()
+    budget = int(fraction * stock_peak)
+    plain, with_codecs = (
+        S.solve_plan(info, costs, budget_bytes=budget, time_limit=10, mip_gap=0.0, share_layers=False,
+                     codec_options=opts)
+        for opts in ({}, options)
+    )
+    assert with_codecs.objective_s <= plain.objective_s * (1 + 1e-9), (with_codecs.objective_s, plain.objective_s)
+    assert with_codecs.predicted_peak <= budget
 
 
 @pytest.mark.slow
