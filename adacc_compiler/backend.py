@@ -307,7 +307,9 @@ def plan_and_partition(
     t_cost = time.perf_counter() - t_cost
 
     t_codec = time.perf_counter()
-    menus = codec_menus(info, mode=config.compress, sensitive=config.compress_sensitive)
+    menus = codec_menus(
+        info, mode=config.compress, sensitive=config.compress_sensitive, checkpoints=config.compress_checkpoints
+    )
     codec_note = measure_menus(
         info, menus, real_inputs, min_sqnr_db=config.min_sqnr_db, stochastic=config.stochastic_rounding
     )

@@ -59,6 +59,7 @@ ENV_VARS = {
     "ADACC_MIN_SQNR_DB": "min_sqnr_db",
     "ADACC_MIN_PLAN_SQNR_DB": "min_plan_sqnr_db",
     "ADACC_COMPRESS_SENSITIVE": "compress_sensitive",
+    "ADACC_COMPRESS_CHECKPOINTS": "compress_checkpoints",
     "ADACC_STOCHASTIC_ROUNDING": "stochastic_rounding",
 }
 
@@ -125,6 +126,14 @@ class AdaccConfig:
             train_b025_joined).
         compress_sensitive: Also offer lossy codecs for the tensors attention's
             backward needs and for the residual stream (lossless-only otherwise).
+        compress_checkpoints: Also offer codecs to values the backward does
+            not read but rebuilds others from (a matrix multiply's output
+            whose backward reads only functions of it): kept compressed, the
+            backward rebuilds their readers without running the multiply
+            again. Cheaper plans under tight budgets, at the price of a
+            larger MILP: on the 4-layer Llama at 0.25 the estimated overhead
+            fell from 5.1-5.7 ms to 4.5-5.1 ms, and the solve took 3-23 s
+            instead of 1-3 s.
         stochastic_rounding: Lossy codecs round stochastically (seeded per
             tensor) instead of to nearest.
     """
@@ -141,6 +150,7 @@ class AdaccConfig:
     min_sqnr_db: float = 30.0
     min_plan_sqnr_db: float | None = 36.0
     compress_sensitive: bool = False
+    compress_checkpoints: bool = True
     stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
@@ -159,7 +169,9 @@ class AdaccConfig:
             )
         elif isinstance(budget, int) and budget <= 0:
             raise ValueError(f"memory_budget: an absolute budget must be positive bytes, got {budget!r}")
-        for name in ("profile", "share_layers", "verify", "compress_sensitive", "stochastic_rounding"):
+        for name in (
+            "profile", "share_layers", "verify", "compress_sensitive", "compress_checkpoints", "stochastic_rounding"
+        ):
             object.__setattr__(self, name, _parse_bool(name, getattr(self, name)))
         try:
             limit = float(self.solver_time_limit)

@@ -31,7 +31,7 @@ __all__ = ["plan_key", "recall", "remember"]
 _FORMAT = 1
 # The options a plan's validity depends on (the budget does not: the plan is
 # the smallest-peak one whatever the budget).
-_KEY_OPTIONS = ("compress", "min_sqnr_db", "compress_sensitive", "stochastic_rounding")
+_KEY_OPTIONS = ("compress", "min_sqnr_db", "compress_sensitive", "compress_checkpoints", "stochastic_rounding")
 
 
 def plan_key(gm: fx.GraphModule, config: AdaccConfig) -> str:

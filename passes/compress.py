@@ -295,7 +295,7 @@ def _compressible(info: JointGraphInfo, node: fx.Node, *, recomputable: set[fx.N
     return None
 
 
-def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.Node, Menu]:
+def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool, checkpoints: bool = True) -> dict[fx.Node, Menu]:
     """The codec menu of every value the backward reads (before error checks),
     and of every compressed-checkpoint candidate.
 
@@ -304,7 +304,8 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.
     readers are cheap elementwise ops, say): storing it compressed spares
     re-running its producer. Its role and menu follow the same rules.
 
-    ``mode`` is the ``compress`` option: ``"lossy"``, ``"lossless"`` or ``"off"``.
+    ``mode`` is the ``compress`` option: ``"lossy"``, ``"lossless"`` or
+    ``"off"``; ``checkpoints`` the ``compress_checkpoints`` option.
     """
     from adacc_compiler.triton_kernels import CODECS
 
@@ -317,6 +318,8 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool) -> dict[fx.
         if node.op != "call_function":
             continue
         source = node not in boundary
+        if source and not checkpoints:
+            continue
         if _compressible(info, node, recomputable=recomputable if source else None) is not None:
             continue
         role = tensor_role(node)

@@ -408,6 +408,9 @@ def test_checkpoint_menus_cover_values_only_recomputation_reads():
     from adacc_compiler.passes.classify import is_alias
 
     assert not any(is_alias(n) for n in checkpoints)
+    # compress_checkpoints=False: the values the backward reads only.
+    off = codec_menus(info, mode="lossy", sensitive=False, checkpoints=False)
+    assert set(off) == set(menus) - checkpoints
 
 
 def _gated_problem():

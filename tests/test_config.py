@@ -45,6 +45,7 @@ def test_unknown_option_lists_accepted_ones():
         ({"solver_mip_gap": 1.5}, "solver_mip_gap"),
         ({"share_layers": 3}, "share_layers"),
         ({"dump_dir": 42}, "dump_dir"),
+        ({"compress_checkpoints": "sometimes"}, "compress_checkpoints"),
     ],
 )
 def test_bad_values_name_the_option(options, name):
@@ -67,6 +68,14 @@ def test_fingerprint_tracks_plan_relevant_fields_only():
     assert a.fingerprint() == AdaccConfig(memory_budget=0.5, dump_dir="/tmp/d").fingerprint()
     assert a.fingerprint() != AdaccConfig(memory_budget=0.4).fingerprint()
     assert a.fingerprint() != AdaccConfig(memory_budget=0.5, profile=False).fingerprint()
+    assert a.fingerprint() != AdaccConfig(memory_budget=0.5, compress_checkpoints=False).fingerprint()
+
+
+def test_compress_checkpoints_defaults_on_and_parses():
+    assert AdaccConfig().compress_checkpoints is True
+    assert AdaccConfig.from_options({"compress_checkpoints": "false"}).compress_checkpoints is False
+    env = {"ADACC_COMPRESS_CHECKPOINTS": "0"}
+    assert AdaccConfig.from_options(None, environ=env).compress_checkpoints is False
 
 
 def test_plan_sqnr_bound_parses_and_converts_to_a_noise_power():
