@@ -13,7 +13,8 @@ scale for such a channel's whole group would flatten its 31 neighbours, so:
 3. the rest is quantised in groups of 32 consecutive channels per token with
    ``scale = amax / 127`` (see ``_common`` for the exact arithmetic, the
    all-zero floor, stochastic rounding and non-finite groups). A last dim that
-   is not a multiple of 32 ends in a partial group (padded with zeros inside).
+   is not a multiple of 32 ends in a partial group (its own abs-max, as if
+   padded with zeros).
 
 Payloads, for an input of shape ``(*lead, C)``, ``G = ceil(C / 32)``:
 
@@ -117,19 +118,60 @@ def reference_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0)
     val = rows[:, idx.long()]
     rest = xf.clone()
     rest[:, idx.long()] = 0.0
-    groups = cm.num_groups(channels, GROUP)
-    padded = torch.nn.functional.pad(rest, (0, groups * GROUP - channels)).reshape(-1, GROUP)
-    noise = cm.padded_noise(tokens, channels, GROUP, seed, x.device) if stochastic else None
-    codes, scale = cm.reference_quantize_groups(padded, QMAX, noise)
-    q = codes.reshape(tokens, groups * GROUP)[:, :channels].to(torch.int8)
+    noise = cm.cpu_noise((tokens, channels), seed, x.device) if stochastic else None
+    codes, scale = _quantize_split(rest, noise)
+    q = codes.to(torch.int8)
     q_shape, scale_shape, _, val_shape = _payload_shapes(x.shape)
     return q.reshape(q_shape), scale.reshape(scale_shape), idx, val.reshape(val_shape)
 
 
+def _quantize_split(rest: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (T, C) and scales (T, G) of ``rest`` (float32, outliers zeroed).
+
+    A partial last group takes the abs-max of its own channels (what zero
+    padding to a whole group would give) and each channel its group's scale
+    by index, with the same arithmetic as
+    :func:`~adacc_compiler.triton_kernels._common.reference_quantize_groups`.
+    Written for Inductor as much as for reading: zero-padded to whole groups,
+    Inductor 2.13's CPU code computed wrong codes in the padded group, and
+    quantising the partial group apart and concatenating ran 4x slower.
+    """
+    tokens, channels = rest.shape
+    full = channels // GROUP
+    width = full * GROUP
+    if channels == width:
+        codes, scale = cm.reference_quantize_groups(
+            rest.reshape(-1, GROUP), QMAX, None if noise is None else noise.reshape(-1, GROUP)
+        )
+        return codes.reshape(tokens, channels), scale.reshape(tokens, full)
+    tail = rest[:, width:].abs().amax(dim=1, keepdim=True)
+    amax = torch.cat([rest[:, :width].reshape(tokens, full, GROUP).abs().amax(dim=2), tail], dim=1) if full else tail
+    finite = torch.isfinite(amax)
+    amax = amax.clamp_min(cm.AMAX_FLOOR)
+    inv = torch.where(finite, torch.full_like(amax, float(QMAX)) / amax, 0.0)
+    group_of = torch.arange(channels, device=rest.device) // GROUP
+    scaled = rest * inv[:, group_of]
+    if noise is None:
+        codes = torch.round(scaled)
+    else:
+        codes = torch.floor(scaled + noise).clamp(-QMAX, QMAX)
+    codes = torch.where(finite[:, group_of], codes, 0.0)
+    scale = torch.where(finite, cm._exact_div(amax, QMAX), float("nan"))
+    return codes, scale
+
+
 def reference_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.dtype):
     tokens, channels = _check_payloads(q, scale, idx, val, shape, dtype)
-    per_channel = scale.reshape(tokens, cm.num_groups(channels, GROUP)).repeat_interleave(GROUP, dim=1)[:, :channels]
-    y = q.reshape(tokens, channels).to(torch.float32) * per_channel
+    full = channels // GROUP
+    width = full * GROUP
+    codes = q.reshape(tokens, channels).to(torch.float32)
+    scale = scale.reshape(tokens, cm.num_groups(channels, GROUP))
+    parts = []
+    if full:
+        parts.append((codes[:, :width].reshape(tokens, full, GROUP) * scale[:, :full, None]).reshape(tokens, width))
+    if channels > width:
+        parts.append(codes[:, width:] * scale[:, full:])
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     y[:, idx.long()] = val.reshape(tokens, idx.numel()).to(torch.float32)
     return y.reshape(list(shape)).to(dtype)
 
