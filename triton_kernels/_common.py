@@ -174,18 +174,29 @@ def reference_quantize_groups(
     # has a non-finite abs-max (amax propagates NaN); its codes are 0 and its
     # scale NaN whatever its amax, so only finite groups need the exact amax.
     xf = groups.to(torch.float32)
-    amax = xf.abs().amax(dim=1)
+    return quantize_by_amax(xf, xf.abs().amax(dim=1), qmax, noise, lambda g: g[:, None])
+
+
+def quantize_by_amax(
+    xf: torch.Tensor, amax: torch.Tensor, qmax: int, noise: torch.Tensor | None, spread
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of ``xf`` (float32) and scales, from each group's abs-max ``amax``.
+
+    ``spread`` maps a per-group tensor to one that broadcasts against ``xf``
+    (``g[:, None]`` for rows that are groups; an index by channel for groups
+    laid along a row). The arithmetic of :func:`reference_quantize_groups`.
+    """
     group_finite = torch.isfinite(amax)
     amax = amax.clamp_min(AMAX_FLOOR)
     inv = torch.where(group_finite, torch.full_like(amax, float(qmax)) / amax, 0.0)
-    scaled = xf * inv[:, None]
+    scaled = xf * spread(inv)
     if noise is None:
         # |x| <= amax and inv = fl(qmax / amax) give |x * inv| <= qmax (1 + 2^-24)^2,
         # under qmax + 1/2: rounding to nearest cannot leave [-qmax, qmax].
         codes = torch.round(scaled)
     else:
         codes = torch.floor(scaled + noise).clamp(-qmax, qmax)
-    codes = torch.where(group_finite[:, None], codes, 0.0)
+    codes = torch.where(spread(group_finite), codes, 0.0)
     scale = torch.where(group_finite, _exact_div(amax, qmax), float("nan"))
     return codes, scale
 

@@ -130,8 +130,7 @@ def _quantize_split(rest: torch.Tensor, noise: torch.Tensor | None) -> tuple[tor
 
     A partial last group takes the abs-max of its own channels (what zero
     padding to a whole group would give) and each channel its group's scale
-    by index, with the same arithmetic as
-    :func:`~adacc_compiler.triton_kernels._common.reference_quantize_groups`.
+    by index (:func:`~adacc_compiler.triton_kernels._common.quantize_by_amax`).
     Written for Inductor as much as for reading: zero-padded to whole groups,
     Inductor 2.13's CPU code computed wrong codes in the padded group, and
     quantising the partial group apart and concatenating ran 4x slower.
@@ -146,18 +145,8 @@ def _quantize_split(rest: torch.Tensor, noise: torch.Tensor | None) -> tuple[tor
         return codes.reshape(tokens, channels), scale.reshape(tokens, full)
     tail = rest[:, width:].abs().amax(dim=1, keepdim=True)
     amax = torch.cat([rest[:, :width].reshape(tokens, full, GROUP).abs().amax(dim=2), tail], dim=1) if full else tail
-    finite = torch.isfinite(amax)
-    amax = amax.clamp_min(cm.AMAX_FLOOR)
-    inv = torch.where(finite, torch.full_like(amax, float(QMAX)) / amax, 0.0)
     group_of = torch.arange(channels, device=rest.device) // GROUP
-    scaled = rest * inv[:, group_of]
-    if noise is None:
-        codes = torch.round(scaled)
-    else:
-        codes = torch.floor(scaled + noise).clamp(-QMAX, QMAX)
-    codes = torch.where(finite[:, group_of], codes, 0.0)
-    scale = torch.where(finite, cm._exact_div(amax, QMAX), float("nan"))
-    return codes, scale
+    return cm.quantize_by_amax(rest, amax, QMAX, noise, lambda g: g[:, group_of])
 
 
 def reference_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.dtype):
