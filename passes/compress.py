@@ -456,22 +456,18 @@ def _seed(node: fx.Node) -> int:
     return zlib.crc32(node.name.encode()) & 0x7FFFFFFF
 
 
-# Codecs inlined on the CPU, each with the multiple the last dimension must be.
-# Their PyTorch definitions compile under Inductor to the same payloads and
+# Codecs inlined on the CPU. Their PyTorch definitions compile under Inductor to the same payloads and
 # round trip as the ops (tests/test_compress.py holds them to it) and run
 # faster than the ops (bench/bench_codecs.py, `path` column). `int8_group`
 # quantises a partial last group along its own width: zero-padded to a whole
 # group, Inductor 2.13's CPU code computed wrong codes in it. `int4_group` and
 # `bool1` compile exactly too but their bit packing runs slower than the ops.
-FUSIBLE_CODECS: dict[str, int] = {"int8_token": 1, "int8_group": 1, "bf16": 1}
+FUSIBLE_CODECS = frozenset({"int8_token", "int8_group", "bf16"})
 
 
 def fusible_on(device: torch.device, *, stochastic: bool, codec: str, shape: Sequence[int]) -> bool:
     """Whether ``codec`` on ``device`` is inlined as traced PyTorch (see the module docstring)."""
-    multiple = FUSIBLE_CODECS.get(codec)
-    if device.type != "cpu" or stochastic or multiple is None:
-        return False
-    return len(shape) > 0 and int(shape[-1]) % multiple == 0
+    return device.type == "cpu" and not stochastic and codec in FUSIBLE_CODECS and len(shape) > 0
 
 
 # Ops Inductor runs as library kernels (matrix multiplies, convolutions,
@@ -508,7 +504,7 @@ def inlined_neighbours(info: JointGraphInfo, node: fx.Node) -> tuple[bool, bool]
     backward_readers = [u for u in _consumers(node) if u in info.bw_pos]
     if not backward_readers:
         # A checkpoint: its readers are the rebuilt copies of its forward readers.
-        backward_readers = forward_readers if producer is node else [u for u in _consumers(node) if info.is_fw(u)]
+        backward_readers = [u for u in _consumers(node) if info.is_fw(u)]
     decode = bool(backward_readers) and all(_joins_kernels(u) for u in backward_readers)
     return encode, decode
 

@@ -119,13 +119,13 @@ def reference_compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0)
     rest = xf.clone()
     rest[:, idx.long()] = 0.0
     noise = cm.cpu_noise((tokens, channels), seed, x.device) if stochastic else None
-    codes, scale = _quantize_split(rest, noise)
+    codes, scale = _quantize_rows(rest, noise)
     q = codes.to(torch.int8)
     q_shape, scale_shape, _, val_shape = _payload_shapes(x.shape)
     return q.reshape(q_shape), scale.reshape(scale_shape), idx, val.reshape(val_shape)
 
 
-def _quantize_split(rest: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_rows(rest: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (T, C) and scales (T, G) of ``rest`` (float32, outliers zeroed).
 
     A partial last group takes the abs-max of its own channels (what zero
@@ -151,16 +151,9 @@ def _quantize_split(rest: torch.Tensor, noise: torch.Tensor | None) -> tuple[tor
 
 def reference_decompress(q, scale, idx, val, shape: Sequence[int], dtype: torch.dtype):
     tokens, channels = _check_payloads(q, scale, idx, val, shape, dtype)
-    full = channels // GROUP
-    width = full * GROUP
-    codes = q.reshape(tokens, channels).to(torch.float32)
-    scale = scale.reshape(tokens, cm.num_groups(channels, GROUP))
-    parts = []
-    if full:
-        parts.append((codes[:, :width].reshape(tokens, full, GROUP) * scale[:, :full, None]).reshape(tokens, width))
-    if channels > width:
-        parts.append(codes[:, width:] * scale[:, full:])
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    # Each channel's scale by index, as the encode spreads them.
+    group_of = torch.arange(channels, device=q.device) // GROUP
+    y = q.reshape(tokens, channels).to(torch.float32) * scale.reshape(tokens, -1)[:, group_of]
     y[:, idx.long()] = val.reshape(tokens, idx.numel()).to(torch.float32)
     return y.reshape(list(shape)).to(dtype)
 
