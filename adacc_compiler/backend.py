@@ -269,7 +269,9 @@ def plan_and_partition(
     from adacc_compiler.passes.classify import analyze_joint_graph
     from adacc_compiler.passes.compress import codec_menus, measure_menus
     from adacc_compiler.passes.liveness import partition_choices, simulate
+    from adacc_compiler.passes.rebuild import rebuild_counts
     from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
+    from adacc_compiler import multi_rebuild
     from adacc_compiler import smallest as smallest_plans
     from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
 
@@ -368,9 +370,32 @@ def plan_and_partition(
                     f"no plan fitted the model's budget of {target} bytes; the smallest-peak plan fits the budget"
                 )
                 break
+            smallest_peak = plan_tl.peak
+            if config.multi_rebuild:
+                rebuilt, floor = multi_rebuild.search(
+                    info,
+                    [("smallest-peak", fallback), ("recompute-all", multi_rebuild.recompute_all(info, fallback))],
+                    costs,
+                    budget=budget,
+                    partition=partition,
+                )
+                if rebuilt is not None:
+                    res = dataclasses.replace(
+                        rebuilt.base,
+                        objective_s=rebuilt.cost_s,
+                        predicted_peak=rebuilt.timeline.peak,
+                        status="multi-rebuild",
+                        bound_s=math.nan,
+                        gap=math.nan,
+                        fallback=f"no single-rebuild plan fits (smallest peak {plan_tl.peak} bytes); {rebuilt.describe()}",
+                    )
+                    fw_gm, bw_gm, plan_tl = rebuilt.fw_gm, rebuilt.bw_gm, rebuilt.timeline
+                    attempts.append((target, None, plan_tl.peak))
+                    break
+                smallest_peak = min(smallest_peak, floor.timeline.peak)
             # Headroom for another machine's timings: the cost model, and so
             # the plans compared, may differ there.
-            smallest = int(math.ceil(plan_tl.peak * (1 + _SMALLEST_HEADROOM)))
+            smallest = int(math.ceil(smallest_peak * (1 + _SMALLEST_HEADROOM)))
             frac = (
                 f" ({smallest / stock_peak:.3f} of stock Inductor's peak of {stock_peak} bytes)" if stock_peak else ""
             )
@@ -407,6 +432,7 @@ def plan_and_partition(
 
     decisions = []
     boundary = set(info.boundary)
+    rebuilds = rebuild_counts(info, bw_gm)
     for c in info.candidates:
         val = c.meta.get("val")
         if not isinstance(val, torch.Tensor):
@@ -435,6 +461,7 @@ def plan_and_partition(
                 codec=chosen.codec if chosen else None,
                 compressed_nbytes=chosen.nbytes if chosen else None,
                 codec_cost_s=chosen.cost_s if chosen else None,
+                rebuilds=rebuilds.get(c.name) if choice == RECOMPUTE else None,
             )
         )
     fixed = sum(info.nbytes.get(p, 0) for p in res.keep_primals)

@@ -61,6 +61,7 @@ ENV_VARS = {
     "ADACC_COMPRESS_SENSITIVE": "compress_sensitive",
     "ADACC_COMPRESS_CHECKPOINTS": "compress_checkpoints",
     "ADACC_STOCHASTIC_ROUNDING": "stochastic_rounding",
+    "ADACC_MULTI_REBUILD": "multi_rebuild",
 }
 
 # Accepted values of the ``compress`` option.
@@ -136,6 +137,11 @@ class AdaccConfig:
             at 0.25 the solve takes 11-25 s.
         stochastic_rounding: Lossy codecs round stochastically (seeded per
             tensor) instead of to nearest.
+        multi_rebuild: When no plan that rebuilds each recomputed value once
+            fits the budget, rebuild values again in each backward region
+            that reads them (:mod:`adacc_compiler.multi_rebuild`): smaller
+            peaks for more recomputation. ``False`` reports such a budget
+            infeasible instead.
     """
 
     memory_budget: float | int | str = 1.0
@@ -152,6 +158,7 @@ class AdaccConfig:
     compress_sensitive: bool = False
     compress_checkpoints: bool = True
     stochastic_rounding: bool = False
+    multi_rebuild: bool = True
 
     def __post_init__(self) -> None:
         budget = self.memory_budget
@@ -170,7 +177,8 @@ class AdaccConfig:
         elif isinstance(budget, int) and budget <= 0:
             raise ValueError(f"memory_budget: an absolute budget must be positive bytes, got {budget!r}")
         for name in (
-            "profile", "share_layers", "verify", "compress_sensitive", "compress_checkpoints", "stochastic_rounding"
+            "profile", "share_layers", "verify", "compress_sensitive", "compress_checkpoints", "stochastic_rounding",
+            "multi_rebuild",
         ):
             object.__setattr__(self, name, _parse_bool(name, getattr(self, name)))
         try:

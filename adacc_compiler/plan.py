@@ -54,6 +54,9 @@ class Decision:
     codec: str | None = None
     compressed_nbytes: int | None = None
     codec_cost_s: float | None = None
+    # How many times the backward computes a recomputed value: 1 unless a
+    # multi-rebuild plan rebuilds it again in later regions.
+    rebuilds: int | None = None
 
     def __post_init__(self) -> None:
         assert self.choice in CHOICES, self.choice
@@ -139,7 +142,7 @@ class Plan:
                 d.producer,
                 "-" if d.layer is None else str(d.layer),
                 d.role or "-",
-                d.choice,
+                d.choice if not d.rebuilds or d.rebuilds == 1 else f"{d.choice} x{d.rebuilds}",
                 d.codec or "-",
                 f"{d.nbytes / d.compressed_nbytes:.2f}x" if d.compressed_nbytes else "-",
                 "lossless" if d.codec and d.sqnr_db is None else f"{d.sqnr_db:.1f}" if d.sqnr_db is not None else "-",

@@ -26,6 +26,9 @@ def test_hf_gradients_and_memory(make, budget):
     check(result)
     if budget < 1.0:
         assert result.plan.counts()["recompute"] > 0
-    if make is hf_gpt2 or budget > 0.2:
-        # Feasible: compiled at the budget asked for (the Llama needs 0.289 at least).
-        assert result.plan.budget_bytes == math.floor(budget * result.plan.stock_peak_bytes)
+    # Compiled at the budget asked for: at 0.2 the Llama needs a multi-rebuild
+    # plan (no plan that rebuilds each value once peaks below about 0.28).
+    assert result.plan.budget_bytes == math.floor(budget * result.plan.stock_peak_bytes)
+    if make is hf_llama and budget == 0.2:
+        assert result.plan.solver.status == "multi-rebuild"
+        assert any((d.rebuilds or 0) > 1 for d in result.plan.decisions)
