@@ -13,9 +13,12 @@ Package map:
 * :mod:`adacc_compiler.passes` - pure FX passes over the joint graph:
   ``classify`` (forward/backward split, candidates, repeated layers),
   ``liveness`` (memory timelines, exact simulation), ``recompute`` (the split
-  that follows the plan).
+  that follows the plan), ``compress`` (roles, codec menus), ``rebuild``
+  (each backward region rebuilds what it reads).
 * :mod:`adacc_compiler.costs` - measured (or roofline) time of each op.
 * :mod:`adacc_compiler.solver` - the HiGHS MILP, greedy warm start, fallback.
+* :mod:`adacc_compiler.multi_rebuild` - plans for budgets no single-rebuild
+  plan meets (base plans x region sizes, judged by the exact simulation).
 * :mod:`adacc_compiler.plan` - Plan / Decision types (JSON-serialisable).
 * :mod:`adacc_compiler.dump` - graphs, plan, solver summary and timelines on disk.
 * :mod:`adacc_compiler.measure` - measured saved bytes, peak memory, step ratios.

@@ -46,6 +46,7 @@ def test_unknown_option_lists_accepted_ones():
         ({"share_layers": 3}, "share_layers"),
         ({"dump_dir": 42}, "dump_dir"),
         ({"compress_checkpoints": "sometimes"}, "compress_checkpoints"),
+        ({"multi_rebuild": "twice"}, "multi_rebuild"),
     ],
 )
 def test_bad_values_name_the_option(options, name):
@@ -69,6 +70,7 @@ def test_fingerprint_tracks_plan_relevant_fields_only():
     assert a.fingerprint() != AdaccConfig(memory_budget=0.4).fingerprint()
     assert a.fingerprint() != AdaccConfig(memory_budget=0.5, profile=False).fingerprint()
     assert a.fingerprint() != AdaccConfig(memory_budget=0.5, compress_checkpoints=False).fingerprint()
+    assert a.fingerprint() != AdaccConfig(memory_budget=0.5, multi_rebuild=False).fingerprint()
 
 
 def test_compress_checkpoints_defaults_on_and_parses():
@@ -76,6 +78,12 @@ def test_compress_checkpoints_defaults_on_and_parses():
     assert AdaccConfig.from_options({"compress_checkpoints": "false"}).compress_checkpoints is False
     env = {"ADACC_COMPRESS_CHECKPOINTS": "0"}
     assert AdaccConfig.from_options(None, environ=env).compress_checkpoints is False
+
+
+def test_multi_rebuild_defaults_on_and_parses():
+    assert AdaccConfig().multi_rebuild is True
+    assert AdaccConfig.from_options({"multi_rebuild": False}).multi_rebuild is False
+    assert AdaccConfig.from_options(None, environ={"ADACC_MULTI_REBUILD": "off"}).multi_rebuild is False
 
 
 def test_plan_sqnr_bound_parses_and_converts_to_a_noise_power():
