@@ -509,14 +509,17 @@ def test_compressed_checkpoints_reach_below_the_exact_floor():
         ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
         return model(input_ids=ids, labels=ids).loss
 
+    # Single-rebuild plans on both sides: the floor is what the MILP's own
+    # choices reach (multi-rebuild plans lower both).
     torch._dynamo.reset()
-    exact = run_adacc(lambda: hf_llama(2), lm_loss, 0.01, compress="lossless")
+    exact = run_adacc(lambda: hf_llama(2), lm_loss, 0.01, compress="lossless", multi_rebuild=False)
     floor = exact.plan.budget_bytes / exact.plan.stock_peak_bytes
     torch._dynamo.reset()
     # (Recomputed values Inductor fuses away hold no memory, which lowers the
     # lossless floor too: on this model compression reaches about 9% below it.)
     result = run_adacc(
-        lambda: hf_llama(2), lm_loss, round(floor * 0.9, 4), compress="lossy", compress_sensitive=True, min_sqnr_db=30.0
+        lambda: hf_llama(2), lm_loss, round(floor * 0.9, 4), compress="lossy", compress_sensitive=True,
+        min_sqnr_db=30.0, multi_rebuild=False,
     )
     check(result, grad_rtol=3e-2)
     assert result.plan.budget_bytes < 0.95 * exact.plan.budget_bytes
