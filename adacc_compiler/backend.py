@@ -42,6 +42,12 @@ _BUDGET_RTOL = 1e-6
 _MAX_TIGHTENING_ROUNDS = 4
 # Margin on the smallest feasible budget an infeasibility error states.
 _SMALLEST_HEADROOM = 0.05
+# With multi-rebuild on, a budget below this share of the smallest peak an
+# earlier compile of the graph reached with single-rebuild plans skips the
+# MILP: its search for a fitting plan, then for the smallest peak, ends in the
+# multi-rebuild fallback anyway (on the 6-layer test Llama at 0.2, tens of
+# seconds). Near that peak the MILP still runs, as it may find a smaller one.
+_SKIP_SINGLE_REBUILD_BELOW = 0.9
 
 
 class BudgetExceededError(RuntimeError):
@@ -273,7 +279,7 @@ def plan_and_partition(
     from adacc_compiler.passes.recompute import partition_with_plan, tag_plan
     from adacc_compiler import multi_rebuild
     from adacc_compiler import smallest as smallest_plans
-    from adacc_compiler.solver import InfeasibleBudgetError, solve_plan
+    from adacc_compiler.solver import InfeasibleBudgetError, SolveResult, solve_plan
 
     t_start = time.perf_counter()
     info = analyze_joint_graph(
@@ -329,10 +335,27 @@ def plan_and_partition(
         )
 
     plan_key = smallest_plans.plan_key(gm, config)
+    remembered = smallest_plans.recall(config, plan_key, gm, codec_options)
     target = budget
     attempts = []
     for attempt in range(_MAX_TIGHTENING_ROUNDS):
         try:
+            if (
+                attempt == 0
+                and config.multi_rebuild
+                and remembered is not None
+                and budget < _SKIP_SINGLE_REBUILD_BELOW * remembered[0]
+            ):
+                log.debug(
+                    "adacc %s: budget %d is below the smallest single-rebuild peak remembered (%d); "
+                    "multi-rebuild plans only", graph_id, budget, remembered[0],
+                )
+                raise InfeasibleBudgetError(
+                    "below the remembered smallest single-rebuild peak",
+                    min_feasible_bytes=remembered[0],
+                    budget_bytes=budget,
+                    plan=SolveResult.remembered(**remembered[1]),
+                )
             res = solve_plan(
                 info,
                 costs,
@@ -351,9 +374,8 @@ def plan_and_partition(
             # (the model's target may have been lowered below what it needs),
             # and otherwise its simulated peak is the smallest budget stated.
             candidates = [err.plan]
-            recalled = smallest_plans.recall(config, plan_key, gm, codec_options)
-            if recalled is not None:
-                candidates.append(dataclasses.replace(err.plan, **recalled[1]))
+            if remembered is not None and err.plan.status != SolveResult.REMEMBERED:
+                candidates.append(dataclasses.replace(err.plan, **remembered[1]))
             best = None
             for candidate in candidates:
                 fw_gm, bw_gm = partition(candidate)
@@ -372,6 +394,7 @@ def plan_and_partition(
                 break
             smallest_peak = plan_tl.peak
             if config.multi_rebuild:
+                t_search = time.perf_counter()
                 rebuilt, floor = multi_rebuild.search(
                     info,
                     [("smallest-peak", fallback), ("recompute-all", multi_rebuild.recompute_all(info, fallback))],
@@ -387,10 +410,10 @@ def plan_and_partition(
                         status="multi-rebuild",
                         bound_s=math.nan,
                         gap=math.nan,
+                        time_s=fallback.time_s + time.perf_counter() - t_search,
                         fallback=f"no single-rebuild plan fits (smallest peak {plan_tl.peak} bytes); {rebuilt.describe()}",
                     )
                     fw_gm, bw_gm, plan_tl = rebuilt.fw_gm, rebuilt.bw_gm, rebuilt.timeline
-                    attempts.append((target, None, plan_tl.peak))
                     break
                 smallest_peak = min(smallest_peak, floor.timeline.peak)
             # Headroom for another machine's timings: the cost model, and so

@@ -148,6 +148,17 @@ class SolveResult:
     predicted_peak: int
     compress: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
 
+    REMEMBERED = "smallest-peak plan (remembered)"
+
+    @classmethod
+    def remembered(cls, *, save, recompute, keep_primals, compress) -> "SolveResult":
+        """A plan recalled from an earlier compile (:mod:`adacc_compiler.smallest`), not solved now."""
+        return cls(
+            save=save, recompute=recompute, keep_primals=keep_primals, compress=compress, status=cls.REMEMBERED,
+            objective_s=math.nan, bound_s=math.nan, gap=math.inf, time_s=0.0, num_columns=0, num_rows=0,
+            num_nonzeros=0, shared_layers=0, warm_start=False, fallback=None, predicted_peak=0,
+        )
+
     def summary(self) -> SolverSummary:
         """The solver fields a Plan records."""
         return SolverSummary(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SolverSummary)})

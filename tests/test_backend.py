@@ -161,6 +161,26 @@ def test_overshooting_plan_is_not_planned_again(monkeypatch):
     assert len(set(calls[1:])) >= 2, "the overshooting plan was the only one tried"
 
 
+def test_remembered_smallest_peak_skips_the_milp_far_below_it(tmp_path, caplog):
+    """A second compile far below the remembered single-rebuild floor goes straight to multi-rebuild."""
+    options = {"memory_budget": 0.2, "profile": False, "compress": "off", "cache_dir": str(tmp_path)}
+    plans = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="adacc_compiler.backend"):
+            _mlp_loss(torch.compile(MLP(), backend="adacc", options=options)).backward()
+        plans.append(adacc_compiler.last_plan())
+        skipped = any("multi-rebuild plans only" in r.getMessage() for r in caplog.records)
+        assert skipped == (len(plans) == 2)
+    first, second = plans
+    assert second.solver.status == first.solver.status == "multi-rebuild"
+    assert [(d.name, d.choice, d.rebuilds) for d in second.decisions] == [
+        (d.name, d.choice, d.rebuilds) for d in first.decisions
+    ]
+    assert second.predicted_peak_bytes == first.predicted_peak_bytes <= second.budget_bytes
+
+
 @pytest.mark.parametrize("multi_rebuild", [True, False])
 def test_infeasible_budget_states_smallest(multi_rebuild):
     torch._dynamo.reset()
