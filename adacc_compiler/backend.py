@@ -397,7 +397,7 @@ def plan_and_partition(
                 t_search = time.perf_counter()
                 rebuilt, floor = multi_rebuild.search(
                     info,
-                    [("smallest-peak", fallback), ("recompute-all", multi_rebuild.recompute_all(info, fallback))],
+                    multi_rebuild.bases(info, fallback),
                     costs,
                     budget=budget,
                     partition=partition,

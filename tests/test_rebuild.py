@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,15 +131,18 @@ def test_search_picks_the_cheapest_plan_that_fits(stack):
     def partition(plan):
         return _partition(info, plan)
 
+    spans = multi_rebuild.SPANS
     best, smallest = multi_rebuild.search(
-        info, [("recompute-all", everything)], costs, budget=single // 2, partition=partition
+        info, [("recompute-all", everything, spans)], costs, budget=single // 2, partition=partition
     )
     assert best is not None and best.timeline.peak <= single // 2
     assert best.cost_s == pytest.approx(1e-6 * sum(best.rebuilds.values()))
     assert best.span == LAYER_SPAN  # the coarsest span that fits
     assert smallest.timeline.peak <= best.timeline.peak
     # A budget below every span's peak: nothing fits, and the smallest peak is reported.
-    none, smallest = multi_rebuild.search(info, [("recompute-all", everything)], costs, budget=1, partition=partition)
+    none, smallest = multi_rebuild.search(
+        info, [("recompute-all", everything, spans)], costs, budget=1, partition=partition
+    )
     assert none is None and smallest.timeline.peak > 1
 
 
@@ -148,7 +153,27 @@ def test_base_plan_is_not_mutated(stack):
         return [sorted(n.name for n in getattr(p, f)) for f in ("save", "recompute", "keep_primals")]
 
     before = names(plan)
-    multi_rebuild.search(info, [("all", plan)], {}, budget=10**9, partition=lambda p: _partition(info, p))
+    multi_rebuild.search(
+        info, [("all", plan, multi_rebuild.SPANS)], {}, budget=10**9, partition=lambda p: _partition(info, p)
+    )
     assert names(plan) == before
     # The joint graph keeps no copy: rewrites act on the partition only.
     assert not any("adacc_recompute_of" in n.meta for n in info.gm.graph.nodes)
+
+
+def test_thinned_bases_keep_checkpoints_in_every_kth_layer_and_stay_closed(stack):
+    info, _ = stack
+    # A base that saves every boundary value it can: the thinning has checkpoints to drop.
+    saved = {c for c in info.boundary if c in set(info.candidates) and isinstance(c.meta.get("val"), torch.Tensor)}
+    keep = {p for p in info.boundary if p in set(info.primals) and p not in info.param_primals}
+    base = dataclasses.replace(_template(), save=saved, keep_primals=keep)
+    for every in (2, 3):
+        plan = multi_rebuild.thinned(info, base, every)
+        layers = {info.layer_of[n][0] for n in plan.save if n in info.layer_of}
+        assert layers and all(layer % every == 0 for layer in layers)
+        assert plan.save < base.save and plan.recompute
+        _partition(info, plan)  # closed: partition_with_plan checks it
+    with pytest.raises(ValueError, match="every"):
+        multi_rebuild.thinned(info, base, 1)
+    names = [name for name, _, _ in multi_rebuild.bases(info, base)]
+    assert names[0] == "smallest-peak" and names[-1] == "recompute-all" and len(names) >= 3
