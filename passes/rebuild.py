@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from adacc_compiler.passes import _torch as tp
 from adacc_compiler.passes.classify import JointGraphInfo, is_alias
 
 __all__ = ["rebuild_per_region", "backward_regions", "rebuild_counts", "LAYER_SPAN"]
@@ -108,12 +109,29 @@ def rebuild_per_region(info: JointGraphInfo, bw_gm: fx.GraphModule, *, span: int
     region = backward_regions(info, bw_gm, span=span)
     graph = bw_gm.graph
     copies: dict[tuple[fx.Node, int], fx.Node] = {}
+    ordered = _ordering_sources(graph, region, forward_names)
+    guards: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def guarded(value: fx.Node, r: int, before: fx.Node) -> fx.Node:
+        # ``value`` as a pointwise copy in region r reads it: through a select
+        # that depends on the previous region (see _ordered_read).
+        if r not in ordered or not isinstance(value.meta.get("val"), torch.Tensor):
+            return value
+        key = (value, r)
+        if key not in guards:
+            guards[key] = _ordered_read(graph, value, ordered[r], before)
+        return guards[key]
 
     def copy_in(node: fx.Node, r: int, before: fx.Node) -> fx.Node:
         key = (node, r)
         if key in copies:
             return copies[key]
-        env = {a: copy_in(a, r, before) if _rebuilt_name(a, forward_names) else a for a in node.all_input_nodes}
+        pointwise = torch.Tag.pointwise in getattr(node.target, "tags", ())
+        env = {
+            a: copy_in(a, r, before) if _rebuilt_name(a, forward_names)
+            else guarded(a, r, before) if pointwise else a
+            for a in node.all_input_nodes
+        }
         with graph.inserting_before(before):
             new = graph.node_copy(node, lambda a: env[a])
         new.meta = dict(node.meta)
@@ -139,6 +157,59 @@ def rebuild_per_region(info: JointGraphInfo, bw_gm: fx.GraphModule, *, span: int
     graph.lint()
     bw_gm.recompile()
     return dict(collections.Counter(new.meta["adacc_recompute_of"] for new in copies.values()))
+
+
+def _ordering_sources(graph: fx.Graph, region: dict[fx.Node, int], forward_names: set[str]) -> dict[int, fx.Node]:
+    """Per region after the first, a gradient the previous region outputs.
+
+    Inductor fuses kernels that read the same buffer when neither depends on
+    the other: two regions' copies of a pointwise op on one checkpoint would
+    become one kernel at the first region, and the later copy would live
+    from there. A copy that also reads a value the previous region computed
+    cannot run before it. A gradient the graph returns is the value to use:
+    it stays allocated to the end anyway.
+    """
+    out: dict[int, fx.Node] = {}
+    last_output: fx.Node | None = None
+    seen_regions: set[int] = set()
+    for n in graph.nodes:
+        r = region.get(n)
+        if r is not None and r not in seen_regions:
+            seen_regions.add(r)
+            if last_output is not None and region.get(last_output, r) < r:
+                out[r] = last_output
+        if (
+            n.op == "call_function"
+            and _rebuilt_name(n, forward_names) is None
+            and isinstance(n.meta.get("val"), torch.Tensor)
+            and tp.int_hint(n.meta["val"].numel(), fallback=0) > 0
+            and any(u.op == "output" for u in n.users)
+        ):
+            last_output = n
+    return out
+
+
+def _ordered_read(graph: fx.Graph, value: fx.Node, source: fx.Node, before: fx.Node) -> fx.Node:
+    """``where(s == s, value, value)`` with ``s`` one element of ``source``: ``value`` itself, ordered after ``source``.
+
+    Both branches are ``value``, so the result is ``value`` bit for bit
+    whatever ``s`` holds (NaN included); Inductor computes it inside the
+    pointwise kernel that reads it.
+    """
+    aten = torch.ops.aten
+    val = value.meta["val"]
+    mode = getattr(val, "fake_mode", None)
+    with graph.inserting_before(before), (mode if mode is not None else contextlib.nullcontext()):
+        element, element_val = source, source.meta["val"]
+        while element_val.dim() > 0:
+            element = graph.call_function(aten.select.int, (element, 0, 0))
+            element_val = aten.select.int(element_val, 0, 0)
+            element.meta["val"] = element_val
+        same = graph.call_function(aten.eq.Tensor, (element, element))
+        same.meta["val"] = aten.eq.Tensor(element_val, element_val)
+        out = graph.call_function(aten.where.self, (same, value, value))
+        out.meta["val"] = aten.where.self(same.meta["val"], val, val)
+    return out
 
 
 def rebuild_counts(info: JointGraphInfo, bw_gm: fx.GraphModule) -> dict[str, int]:

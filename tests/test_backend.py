@@ -84,10 +84,9 @@ def test_multi_rebuild_lowers_the_measured_step_peak(tmp_path):
 
     Batch 1024 makes activations dominate the parameters' gradients. The
     single-rebuild plan at 0.6 against the multi-rebuild plan at 0.2: the step
-    peak must fall by at least 40% of the predicted fall of the activation
-    peak. Not all of it: Inductor fuses kernels that read the same
-    checkpoint, which can compute a later region's copy early (README,
-    "Multi-rebuild"; 53% of the predicted fall measured with torch 2.13).
+    peak must fall by at least 60% of the predicted fall of the activation
+    peak (77% with torch 2.13; 53% before the copies were ordered after the
+    previous region, when Inductor fused the regions' copies into one kernel).
     """
     from adacc_compiler.measure import peak_memory_bytes
 
@@ -110,7 +109,7 @@ def test_multi_rebuild_lowers_the_measured_step_peak(tmp_path):
         predicted[name] = plan.predicted_peak_bytes
         peaks[name] = peak_memory_bytes(step, device="cpu")
     assert predicted["multi"] < 0.5 * predicted["single"], predicted
-    assert peaks["single"] - peaks["multi"] >= 0.4 * (predicted["single"] - predicted["multi"]), (peaks, predicted)
+    assert peaks["single"] - peaks["multi"] >= 0.6 * (predicted["single"] - predicted["multi"]), (peaks, predicted)
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.2])

@@ -48,6 +48,13 @@ def _template() -> SolveResult:
     )
 
 
+def _saving_boundary(info) -> SolveResult:
+    # Saves every boundary value it can: a thinning has checkpoints to drop.
+    saved = {c for c in info.boundary if c in set(info.candidates) and isinstance(c.meta.get("val"), torch.Tensor)}
+    keep = {p for p in info.boundary if p in set(info.primals) and p not in info.param_primals}
+    return dataclasses.replace(_template(), save=saved, keep_primals=keep)
+
+
 def _partition(info, plan):
     return partition_with_plan(info, save=plan.save, recompute=plan.recompute, keep_primals=plan.keep_primals)
 
@@ -163,10 +170,7 @@ def test_base_plan_is_not_mutated(stack):
 
 def test_thinned_bases_keep_checkpoints_in_every_kth_layer_and_stay_closed(stack):
     info, _ = stack
-    # A base that saves every boundary value it can: the thinning has checkpoints to drop.
-    saved = {c for c in info.boundary if c in set(info.candidates) and isinstance(c.meta.get("val"), torch.Tensor)}
-    keep = {p for p in info.boundary if p in set(info.primals) and p not in info.param_primals}
-    base = dataclasses.replace(_template(), save=saved, keep_primals=keep)
+    base = _saving_boundary(info)
     for every in (2, 3):
         plan = multi_rebuild.thinned(info, base, every)
         layers = {info.layer_of[n][0] for n in plan.save if n in info.layer_of}
@@ -177,3 +181,33 @@ def test_thinned_bases_keep_checkpoints_in_every_kth_layer_and_stay_closed(stack
         multi_rebuild.thinned(info, base, 1)
     names = [name for name, _, _ in multi_rebuild.bases(info, base)]
     assert names[0] == "smallest-peak" and names[-1] == "recompute-all" and len(names) >= 3
+
+
+def test_copies_on_a_checkpoint_are_ordered_after_the_previous_region(stack):
+    # Inductor fuses kernels that read the same buffer when neither depends on
+    # the other; each region's pointwise copies read checkpoints through a
+    # where(s == s, x, x) on an element of a gradient the previous region returns.
+    info, inputs = stack
+    plan = multi_rebuild.thinned(info, _saving_boundary(info), 2)
+    fw_gm, bw_gm = _partition(info, plan)
+    expected = _gradients(fw_gm, bw_gm, inputs)
+    rebuild_per_region(info, bw_gm)
+    for a, b in zip(_gradients(fw_gm, bw_gm, inputs), expected):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    regions = backward_regions(info, bw_gm)
+    wheres = [n for n in bw_gm.graph.nodes if n.target is torch.ops.aten.where.self]
+    assert wheres
+    order = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
+    for w in wheres:
+        cond, a, b = w.args
+        assert a is b and "adacc_recompute_of" not in a.meta
+        source = cond.args[0]
+        while source.target is torch.ops.aten.select.int:
+            source = source.args[0]
+        assert any(u.op == "output" for u in source.users)
+        assert order[source] < order[w]
+        readers = [u for u in w.users if "adacc_recompute_of" in u.meta]
+        assert readers and all(torch.Tag.pointwise in u.target.tags for u in readers)
+    assert len(set(regions.values())) > 1
