@@ -113,7 +113,7 @@ def rebuild_per_region(info: JointGraphInfo, bw_gm: fx.GraphModule, *, span: int
     guards: dict[tuple[fx.Node, int], fx.Node] = {}
 
     def guarded(value: fx.Node, r: int, before: fx.Node) -> fx.Node:
-        # ``value`` as a pointwise copy in region r reads it: through a select
+        # ``value`` as a fusible copy in region r reads it: through a select
         # that depends on the previous region (see _ordered_read).
         if r not in ordered or not isinstance(value.meta.get("val"), torch.Tensor):
             return value
@@ -126,10 +126,10 @@ def rebuild_per_region(info: JointGraphInfo, bw_gm: fx.GraphModule, *, span: int
         key = (node, r)
         if key in copies:
             return copies[key]
-        pointwise = torch.Tag.pointwise in getattr(node.target, "tags", ())
+        fusible = _fusible_kernel(node)
         env = {
             a: copy_in(a, r, before) if _rebuilt_name(a, forward_names)
-            else guarded(a, r, before) if pointwise else a
+            else guarded(a, r, before) if fusible else a
             for a in node.all_input_nodes
         }
         with graph.inserting_before(before):
@@ -157,6 +157,25 @@ def rebuild_per_region(info: JointGraphInfo, bw_gm: fx.GraphModule, *, span: int
     graph.lint()
     bw_gm.recompile()
     return dict(collections.Counter(new.meta["adacc_recompute_of"] for new in copies.values()))
+
+
+_REDUCTIONS = frozenset(
+    getattr(torch.ops.aten, name).default if not overload else getattr(getattr(torch.ops.aten, name), overload)
+    for name, overload in (
+        ("sum", "dim_IntList"), ("sum", None), ("mean", "dim"), ("mean", None), ("amax", None), ("amin", None),
+        ("var_mean", "correction"), ("max", "dim"), ("min", "dim"),
+    )
+)
+
+
+def _fusible_kernel(node: fx.Node) -> bool:
+    """Whether Inductor computes ``node`` in a kernel it may fuse with another that reads the same buffer.
+
+    Pointwise ops and reductions; matrix multiplies run as library calls and
+    are never fused that way, and the ``where`` in front of one would be
+    materialised as a copy.
+    """
+    return torch.Tag.pointwise in getattr(node.target, "tags", ()) or node.target in _REDUCTIONS
 
 
 def _ordering_sources(graph: fx.Graph, region: dict[fx.Node, int], forward_names: set[str]) -> dict[int, fx.Node]:
@@ -194,7 +213,7 @@ def _ordered_read(graph: fx.Graph, value: fx.Node, source: fx.Node, before: fx.N
 
     Both branches are ``value``, so the result is ``value`` bit for bit
     whatever ``s`` holds (NaN included); Inductor computes it inside the
-    pointwise kernel that reads it.
+    kernel that reads it (pointwise or reduction).
     """
     aten = torch.ops.aten
     val = value.meta["val"]
