@@ -142,7 +142,7 @@ class Plan:
                 d.producer,
                 "-" if d.layer is None else str(d.layer),
                 d.role or "-",
-                d.choice if not d.rebuilds or d.rebuilds == 1 else f"{d.choice} x{d.rebuilds}",
+                f"{d.choice} x{d.rebuilds}" if (d.rebuilds or 1) > 1 else d.choice,
                 d.codec or "-",
                 f"{d.nbytes / d.compressed_nbytes:.2f}x" if d.compressed_nbytes else "-",
                 "lossless" if d.codec and d.sqnr_db is None else f"{d.sqnr_db:.1f}" if d.sqnr_db is not None else "-",

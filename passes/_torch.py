@@ -98,6 +98,21 @@ def finish_backward(
     return fw_module, bw_module
 
 
+def fake_mode(values):
+    """The fake mode of the joint graph's values."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    assert mode is not None, "adacc internal error: joint graph values carry no fake mode"
+    return mode
+
+
+def fake_call(op, *args, **kwargs):
+    """``op`` run on the joint graph's fake values (the ``val`` of a new node)."""
+    with fake_mode(args):
+        return op(*args, **kwargs)
+
+
 def int_hint(x: Any, *, fallback: int | None) -> int | None:
     """A concrete value for a (possibly symbolic) int: its hint, else ``fallback``.
 

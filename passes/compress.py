@@ -78,6 +78,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.fx as fx
 
+from adacc_compiler.passes import _torch as tp
 from adacc_compiler.passes.classify import JointGraphInfo, is_alias
 from adacc_compiler.plan import noise_power
 
@@ -509,21 +510,12 @@ def inlined_neighbours(info: JointGraphInfo, node: fx.Node) -> tuple[bool, bool]
     return encode, decode
 
 
-def _fake_mode(values: Sequence[object]):
-    """The fake mode of the joint graph's values."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
-    assert mode is not None, "adacc internal error: joint graph values carry no fake mode"
-    return mode
-
-
 def _traced(fn, *fake_args) -> fx.GraphModule:
     """``fn`` traced into ATen ops on the joint graph's fake values."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.utils._python_dispatch import _disable_current_modes
 
-    mode = _fake_mode(fake_args)
+    mode = tp.fake_mode(fake_args)
     with mode:
         # Functional ATen only: the joint graph holds no mutations.
         # Decomposed as Inductor decomposes the joint graph.
@@ -580,7 +572,7 @@ def _inline(
             gm.register_buffer(name, value)
             attrs.append(name)
             env[n] = graph.get_attr(name)
-            env[n].meta["val"] = _fake_mode([i.meta.get("val") for i in inputs]).from_tensor(
+            env[n].meta["val"] = tp.fake_mode([i.meta.get("val") for i in inputs]).from_tensor(
                 value, static_shapes=True
             )
             added.append(env[n])
@@ -591,11 +583,6 @@ def _inline(
             env[n] = graph.node_copy(n, lambda a: env[a])
             added.append(env[n])
     return outputs
-
-
-def _fake_call(op, *args, **kwargs):
-    with _fake_mode(args):
-        return op(*args, **kwargs)
 
 
 def _insert_traced(gm, codec, node, decode_at, added, attrs) -> tuple[list[fx.Node], fx.Node]:
@@ -623,7 +610,7 @@ def _insert_ops(graph, codec, node, decode_at, added, *, stochastic: bool) -> tu
     val = node.meta["val"]
     shape = [int(s) for s in val.shape]
     kwargs = {"stochastic": stochastic, "seed": _seed(node)}
-    fake_payload = _fake_call(codec.compress_op, val, **kwargs)
+    fake_payload = tp.fake_call(codec.compress_op, val, **kwargs)
     with graph.inserting_after(node):
         comp = graph.call_function(_overload(codec.name, "compress"), (node,), kwargs)
     comp.meta["val"] = tuple(fake_payload)
@@ -640,7 +627,7 @@ def _insert_ops(graph, codec, node, decode_at, added, *, stochastic: bool) -> tu
         anchor = item
     with graph.inserting_before(decode_at):
         dec = graph.call_function(_overload(codec.name, "decompress"), (*items, shape, val.dtype))
-    dec.meta["val"] = _fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
+    dec.meta["val"] = tp.fake_call(codec.decompress_op, *fake_payload, shape, val.dtype)
     added.append(dec)
     _place_for_backward([dec], decode_at)
     return items, dec
@@ -666,8 +653,6 @@ def _first_backward_node(info: JointGraphInfo) -> fx.Node:
     Nodes placed before it that the backward needs are scheduled by the
     partition's reordering just before their first use (as recomputed ones are).
     """
-    from adacc_compiler.passes import _torch as tp
-
     users = [u for p in info.gm.graph.find_nodes(op="placeholder") if tp._is_tangent(p) for u in p.users]
     users = [u for u in users if u.op != "output"]
     return min(users, key=info.order.__getitem__) if users else info.gm.graph.output_node()

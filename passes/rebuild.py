@@ -31,7 +31,6 @@ checks against the plan).
 from __future__ import annotations
 
 import collections
-import contextlib
 from typing import Any
 
 import torch
@@ -91,8 +90,7 @@ def backward_regions(info: JointGraphInfo, bw_gm: fx.GraphModule, *, span: int =
 def _fresh(val: Any) -> Any:
     """A fake value like ``val`` with storage of its own (tuples elementwise)."""
     if isinstance(val, torch.Tensor):
-        mode = getattr(val, "fake_mode", None)
-        with mode if mode is not None else contextlib.nullcontext():
+        with tp.fake_mode([val]):
             return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
     if isinstance(val, (tuple, list)):
         return type(val)(_fresh(v) for v in val)
@@ -159,13 +157,11 @@ def rebuild_per_region(info: JointGraphInfo, bw_gm: fx.GraphModule, *, span: int
     return dict(collections.Counter(new.meta["adacc_recompute_of"] for new in copies.values()))
 
 
-_REDUCTIONS = frozenset(
-    getattr(torch.ops.aten, name).default if not overload else getattr(getattr(torch.ops.aten, name), overload)
-    for name, overload in (
-        ("sum", "dim_IntList"), ("sum", None), ("mean", "dim"), ("mean", None), ("amax", None), ("amin", None),
-        ("var_mean", "correction"), ("max", "dim"), ("min", "dim"),
-    )
-)
+_aten = torch.ops.aten
+_REDUCTIONS = frozenset({
+    _aten.sum.dim_IntList, _aten.sum.default, _aten.mean.dim, _aten.mean.default, _aten.amax.default,
+    _aten.amin.default, _aten.var_mean.correction, _aten.max.dim, _aten.min.dim,
+})
 
 
 def _fusible_kernel(node: fx.Node) -> bool:
@@ -216,19 +212,18 @@ def _ordered_read(graph: fx.Graph, value: fx.Node, source: fx.Node, before: fx.N
     kernel that reads it (pointwise or reduction).
     """
     aten = torch.ops.aten
-    val = value.meta["val"]
-    mode = getattr(val, "fake_mode", None)
-    with graph.inserting_before(before), (mode if mode is not None else contextlib.nullcontext()):
-        element, element_val = source, source.meta["val"]
-        while element_val.dim() > 0:
-            element = graph.call_function(aten.select.int, (element, 0, 0))
-            element_val = aten.select.int(element_val, 0, 0)
-            element.meta["val"] = element_val
-        same = graph.call_function(aten.eq.Tensor, (element, element))
-        same.meta["val"] = aten.eq.Tensor(element_val, element_val)
-        out = graph.call_function(aten.where.self, (same, value, value))
-        out.meta["val"] = aten.where.self(same.meta["val"], val, val)
-    return out
+
+    def add(op, *args):
+        node = graph.call_function(op, args)
+        node.meta["val"] = tp.fake_call(op, *(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
+        return node
+
+    with graph.inserting_before(before):
+        element = source
+        while element.meta["val"].dim() > 0:
+            element = add(aten.select.int, element, 0, 0)
+        same = add(aten.eq.Tensor, element, element)
+        return add(aten.where.self, same, value, value)
 
 
 def rebuild_counts(info: JointGraphInfo, bw_gm: fx.GraphModule) -> dict[str, int]:
