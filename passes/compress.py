@@ -21,12 +21,15 @@ Three steps, each a function:
    matmul_input   read by a matrix multiply (``mm``/``addmm``)           ``int8_token``,
                                                                         ``int8_group``,
                                                                         ``int4_group``,
+                                                                        ``int12_token``,
                                                                         ``bf16``
    act_input      read by an activation function (``sigmoid``,          ``int8_group``,
                   ``tanh``, ``erf``, ``relu``, ``gelu``, ``silu``)        ``int8_token``,
+                                                                        ``int12_token``,
                                                                         ``bf16``
    other          any other floating-point value                        ``int8_group``,
                                                                         ``int8_token``,
+                                                                        ``int12_token``,
                                                                         ``bf16``
    ============== ==================================================== ==========================
 
@@ -108,9 +111,9 @@ MENUS: dict[str, tuple[str, ...]] = {
     "attention": (),
     "residual": (),
     "norm_input": ("int8_group", "bf16"),
-    "matmul_input": ("int8_token", "int8_group", "int4_group", "bf16"),
-    "act_input": ("int8_group", "int8_token", "bf16"),
-    "other": ("int8_group", "int8_token", "bf16"),
+    "matmul_input": ("int8_token", "int8_group", "int4_group", "int12_token", "bf16"),
+    "act_input": ("int8_group", "int8_token", "int12_token", "bf16"),
+    "other": ("int8_group", "int8_token", "int12_token", "bf16"),
 }
 SENSITIVE_ROLES = ("attention", "residual")
 
@@ -119,9 +122,9 @@ _RULES = {
     "attention": "read by attention's backward: lossless only",
     "residual": "residual stream: lossless only",
     "norm_input": "norm input: per-group int8 with outlier channels kept exact, bfloat16",
-    "matmul_input": "matmul input: per-token / per-group int8, per-group int4, bfloat16",
-    "act_input": "activation-function input: per-group / per-token int8, bfloat16",
-    "other": "floating-point value: per-group / per-token int8, bfloat16",
+    "matmul_input": "matmul input: per-token / per-group int8, per-group int4, per-token int12, bfloat16",
+    "act_input": "activation-function input: per-group / per-token int8, per-token int12, bfloat16",
+    "other": "floating-point value: per-group / per-token int8, per-token int12, bfloat16",
 }
 
 _VIEWS = {
@@ -463,7 +466,7 @@ def _seed(node: fx.Node) -> int:
 # quantises a partial last group along its own width: zero-padded to a whole
 # group, Inductor 2.13's CPU code computed wrong codes in it. `int4_group` and
 # `bool1` compile exactly too but their bit packing runs slower than the ops.
-FUSIBLE_CODECS = frozenset({"int8_token", "int8_group", "bf16"})
+FUSIBLE_CODECS = frozenset({"int8_token", "int8_group", "int12_token", "bf16"})
 
 
 def fusible_on(device: torch.device, *, stochastic: bool, codec: str, shape: Sequence[int]) -> bool:

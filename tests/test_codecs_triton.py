@@ -163,7 +163,7 @@ def _check_every_candidate() -> list[str]:
     paths and partial tiles.
     """
     from adacc_compiler.triton_kernels import _common as cm
-    from adacc_compiler.triton_kernels import bool1, int4_group, int8_group, int8_token
+    from adacc_compiler.triton_kernels import bool1, int4_group, int8_group, int8_token, int12_token
 
     failures = []
     gen = torch.Generator().manual_seed(11)
@@ -172,7 +172,7 @@ def _check_every_candidate() -> list[str]:
     try:
         for index in range(8):
             cm.FORCE_CANDIDATE = index
-            for mod in (int8_token, int8_group, int4_group):
+            for mod in (int12_token, int8_token, int8_group, int4_group):
                 for x in floats:
                     where = f"{mod.NAME} {tuple(x.shape)} {x.dtype} candidate {index}"
                     ref = mod.reference_compress(x)
@@ -196,10 +196,11 @@ def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     # numpy warns about the inf - inf and NaN arithmetic the non-finite cases exercise
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token
+    from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token, int12_token
 
     start = time.perf_counter()
     failures = []
+    failures += _check_lossy(int12_token, int12_token.QMAX, extra_kwargs=({"max_block_h": 8},))
     failures += _check_lossy(int8_token, int8_token.QMAX, extra_kwargs=({"max_block_c": 16},))
     failures += _check_lossy(int8_group, int8_group.QMAX, extra_kwargs=({"absmax_splits": 3},))
     failures += _check_outlier_channels(int8_group)
@@ -215,7 +216,7 @@ def main() -> int:
 
 def _sm90_specialisations():
     """(kernel, signature, constexprs) covering every kernel, bfloat16 inputs (float32 for bf16)."""
-    from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token
+    from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token, int12_token
 
     for st in (False, True):
         yield bf16._compress_kernel, dict(x_ptr="*fp32", h_ptr="*bf16", N="i64", seed="i64"), dict(BLOCK=1024, STOCHASTIC=st)
@@ -224,17 +225,21 @@ def _sm90_specialisations():
     sig = {
         "int8_token_compress": (int8_token._compress_kernel, dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", T="i32", C="i32", seed="i64")),
         "int8_group_compress": (int8_group._compress_kernel, dict(x_ptr="*bf16", slot_ptr="*i32", q_ptr="*i8", scale_ptr="*fp32", val_ptr="*bf16", R="i32", G="i32", C="i32", K="i32", seed="i32")),
+        "int12_token_compress": (int12_token._compress_kernel, dict(x_ptr="*bf16", lo_ptr="*u8", hi_ptr="*u8", scale_ptr="*fp32", T="i32", C="i32", H="i32", seed="i64")),
         "int4_group_compress": (int4_group._compress_kernel, dict(x_ptr="*bf16", packed_ptr="*u8", scale_ptr="*fp32", R="i32", G="i32", C="i32", NB="i32", seed="i32")),
     }
     for st in (False, True):
         for single in (True, False):
             fn, args = sig["int8_token_compress"]
             yield fn, args, dict(BLOCK_T=2, BLOCK_C=2048, SINGLE=single, QMAX=127, STOCHASTIC=st)
+            fn, args = sig["int12_token_compress"]
+            yield fn, args, dict(BLOCK_T=2, BLOCK_H=1024, SINGLE=single, QMAX=2047, STOCHASTIC=st)
         for name, qmax in (("int8_group_compress", 127), ("int4_group_compress", 7)):
             fn, args = sig[name]
             yield fn, args, dict(BLOCK_R=128, GROUP=32, QMAX=qmax, STOCHASTIC=st)
     yield int8_group._channel_absmax_kernel, dict(x_ptr="*bf16", part_ptr="*fp32", T="i32", C="i32", rows_per_split="i32"), dict(BLOCK_T=16, BLOCK_C=256)
     yield int8_token._decompress_kernel, dict(q_ptr="*i8", scale_ptr="*fp32", out_ptr="*bf16", T="i32", C="i32"), dict(BLOCK_T=4, BLOCK_C=1024)
+    yield int12_token._decompress_kernel, dict(lo_ptr="*u8", hi_ptr="*u8", scale_ptr="*fp32", out_ptr="*bf16", T="i32", C="i32", H="i32"), dict(BLOCK_T=4, BLOCK_H=512)
     yield int8_group._decompress_kernel, dict(q_ptr="*i8", scale_ptr="*fp32", slot_ptr="*i32", val_ptr="*bf16", out_ptr="*bf16", T="i32", C="i32", G="i32", K="i32"), dict(BLOCK_T=4, BLOCK_C=1024, GROUP=32)
     yield int4_group._decompress_kernel, dict(packed_ptr="*u8", scale_ptr="*fp32", out_ptr="*bf16", T="i32", C="i32", G="i32", NB="i32"), dict(BLOCK_T=4, BLOCK_C=1024, GROUP=32)
     yield bool1._compress_kernel, dict(x_ptr="*u8", packed_ptr="*u8", N="i64", NB="i32"), dict(BLOCK_B=1024)

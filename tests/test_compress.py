@@ -341,8 +341,8 @@ def test_compress_off_matches_retain_recompute_only():
     assert result.plan.counts()["compress"] == 0
 
 
-@pytest.mark.parametrize("channels", [200, 256])
-@pytest.mark.parametrize("codec_name", ["int8_token", "int8_group", "bf16"])
+@pytest.mark.parametrize("channels", [200, 201, 256])
+@pytest.mark.parametrize("codec_name", ["int8_token", "int8_group", "int12_token", "bf16"])
 def test_fused_cpu_path_matches_the_ops(codec_name, channels):
     # The planner measures each codec's error with its ops; on the CPU the
     # compiled graph runs a fusible codec's PyTorch definition through Inductor.

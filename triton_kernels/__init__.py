@@ -5,7 +5,7 @@ reference, its ``torch.library`` registration and its compressed size. The
 registry maps codec names to all of that. Importing this package registers
 every codec below (and defines their ``adacc::*`` ops).
 
-Codecs: ``int8_token``, ``int8_group``, ``int4_group`` (lossy, float inputs),
+Codecs: ``int12_token``, ``int8_token``, ``int8_group``, ``int4_group`` (lossy, float inputs),
 ``bf16`` (lossy, float32 inputs) and
 ``bool1`` (lossless, bool inputs).
 """
@@ -13,6 +13,6 @@ Codecs: ``int8_token``, ``int8_group``, ``int4_group`` (lossy, float inputs),
 from adacc_compiler.triton_kernels.registry import CODECS, Codec, get_codec, register_codec
 
 # Imported for their registration side effect.
-from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token  # noqa: E402,F401
+from adacc_compiler.triton_kernels import bf16, bool1, int4_group, int8_group, int8_token, int12_token  # noqa: E402,F401
 
 __all__ = ["CODECS", "Codec", "get_codec", "register_codec"]
