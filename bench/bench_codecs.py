@@ -157,6 +157,9 @@ def bench_codec(codec, numel: int, channels: int, dtype: torch.dtype, device: to
         x = torch.randn(numel // channels, channels, generator=gen, device=device).to(dtype)
     shape, out_dtype = list(x.shape), x.dtype
     if fused:
+        # Fresh compiles: the lambdas below are one code object for every
+        # codec and size, and Dynamo's recompile limit would run later ones eagerly.
+        torch._dynamo.reset()
         compress = torch.compile(lambda v: tuple(codec.reference_compress(v)), dynamic=False)
         decompress = torch.compile(lambda *p: codec.reference_decompress(*p, shape, out_dtype), dynamic=False)
     else:

@@ -85,7 +85,8 @@ def _check_lossy(mod, qmax: int, extra_kwargs=()) -> list[str]:
             failures.append(f"{where}: stochastic rounding not deterministic for a seed")
         dec = mod.triton_decompress(*first, shape, torch.float32)
         err = torch.where(finite_rows, (dec - x.float()).abs(), 0.0)
-        if (err > amax / qmax * 1.0001 + 1e-30).any():
+        # plus the float32 rounding of the decoded value (matters at int12's steps)
+        if (err > amax / qmax * 1.0001 + 1e-30 + x.float().nan_to_num(0.0, 0.0, 0.0).abs() * 2.0**-22).any():
             failures.append(f"{where}: stochastic rounding off by more than one step")
         if torch.isfinite(dec[~torch.isfinite(x.float())]).any():
             failures.append(f"{where}: a non-finite value decoded to a finite one")

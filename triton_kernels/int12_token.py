@@ -147,17 +147,33 @@ def compress(x: torch.Tensor, stochastic: bool = False, seed: int = 0):
     rows = x.contiguous().view(tokens, channels)
     noise = cm.cpu_noise((tokens, channels), seed, x.device) if stochastic else None
     codes, scale = cm.fast_quantize_groups(rows, QMAX, noise)
-    lo, hi = _pack(codes)
+    # Eager ATen runs the integer form 5x faster than the float one the
+    # reference spells for Inductor (4096 x 1024: 1.8 ms against 9.4 ms).
+    u = codes.to(torch.int16).add_(_OFFSET)
+    lo = u.to(torch.uint8)  # the low byte: the conversion wraps modulo 256
+    top = u.bitwise_right_shift_(8).to(torch.uint8)
+    h = _half(channels)
+    if channels % 2:
+        top = torch.nn.functional.pad(top, (0, 1))
+    hi = top[:, :h].bitwise_or(top[:, h:].bitwise_left_shift(4))
     return lo.view(x.shape), hi.view(_hi_shape(x.shape)), scale.view(_scale_shape(x.shape))
 
 
 def decompress(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, shape: Sequence[int], dtype: torch.dtype):
     tokens, channels = _check_payloads(lo, hi, scale, shape, dtype)
-    out = _unpack_into_float(
-        lo.reshape(tokens, channels), hi.reshape(tokens, _half(channels)), scale.reshape(tokens, 1), channels
-    )
-    # Rounded once into the output dtype, as the reference.
-    return out.view(list(shape)).to(dtype).contiguous()
+    h = _half(channels)
+    top = hi.reshape(tokens, h).to(torch.int16)
+    q = lo.reshape(tokens, channels).to(torch.int16)
+    q[:, :h] += (top & 15).bitwise_left_shift_(8)
+    q[:, h:] += top[:, : channels - h].bitwise_right_shift(4).bitwise_left_shift_(8)
+    q -= _OFFSET
+    out = torch.empty(list(shape), dtype=dtype, device=lo.device)
+    # The product in float32 (type promotion), rounded once into the output dtype.
+    if dtype == torch.float32:
+        torch.mul(q, scale.reshape(tokens, 1), out=out.view(tokens, channels))
+    else:
+        out.view(tokens, channels).copy_(q * scale.reshape(tokens, 1))
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def check_lossy(checks: Checks, codec, qmax: int, device) -> None:
         rows_ok = torch.isfinite(xf).all(dim=-1, keepdim=True)
         step = xf.nan_to_num(0.0, 0.0, 0.0).abs().amax(dim=-1, keepdim=True).clamp_min(2.0**-100) / qmax
         err = torch.where(rows_ok, (dec - xf).abs(), 0.0)
-        checks.add(bool((err <= step * 1.0001).all()), f"{where} stochastic within one step")
+        # plus the float32 rounding of the decoded value (matters at int12's steps)
+        checks.add(bool((err <= step * 1.0001 + xf.nan_to_num(0.0, 0.0, 0.0).abs() * 2.0**-22).all()), f"{where} stochastic within one step")
     x = torch.randn(64, 4096, generator=gen, device=device).to(torch.bfloat16)
     xf = x.float()
     draws = torch.stack([
@@ -261,9 +262,9 @@ def main(argv=None) -> int:
 
     checks = Checks()
     if not args.skip_checks:
-        from adacc_compiler.triton_kernels import int4_group, int8_group, int8_token
+        from adacc_compiler.triton_kernels import int4_group, int8_group, int8_token, int12_token
 
-        for mod in (int8_token, int8_group, int4_group):
+        for mod in (int12_token, int8_token, int8_group, int4_group):
             try:
                 check_lossy(checks, codecs.get_codec(mod.NAME), mod.QMAX, device)
             except Exception:
