@@ -211,8 +211,6 @@ def _ordered_read(graph: fx.Graph, value: fx.Node, source: fx.Node, before: fx.N
     whatever ``s`` holds (NaN included); Inductor computes it inside the
     kernel that reads it (pointwise or reduction).
     """
-    aten = torch.ops.aten
-
     def add(op, *args):
         node = graph.call_function(op, args)
         node.meta["val"] = tp.fake_call(op, *(a.meta["val"] if isinstance(a, fx.Node) else a for a in args))
@@ -221,9 +219,9 @@ def _ordered_read(graph: fx.Graph, value: fx.Node, source: fx.Node, before: fx.N
     with graph.inserting_before(before):
         element = source
         while element.meta["val"].dim() > 0:
-            element = add(aten.select.int, element, 0, 0)
-        same = add(aten.eq.Tensor, element, element)
-        return add(aten.where.self, same, value, value)
+            element = add(_aten.select.int, element, 0, 0)
+        same = add(_aten.eq.Tensor, element, element)
+        return add(_aten.where.self, same, value, value)
 
 
 def rebuild_counts(info: JointGraphInfo, bw_gm: fx.GraphModule) -> dict[str, int]:

@@ -45,6 +45,7 @@ NAME = "int12_token"
 QMAX = 2047
 # Codes are stored offset by this, so that the stored value is never negative.
 _OFFSET = 2048
+_TL_OFFSET = tl.constexpr(_OFFSET)
 # Half-rows up to this many channels are read once (rows up to 8192 channels).
 MAX_BLOCK_H = 4096
 
@@ -182,19 +183,25 @@ def decompress(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, shape: S
 
 
 @triton.jit
-def _store_pair(
-    x_ptr, lo_ptr, hi_ptr, xbase, hbase, j, H, C, row_ok, inv, bad, seed,
-    QMAX: tl.constexpr, STOCHASTIC: tl.constexpr,
-):
-    """Quantise channels ``j`` and ``j + H`` of a block of rows and store their planes."""
+def _load_pair(x_ptr, xbase, j, H, C, row_ok):
+    """Channels ``j`` and ``j + H`` of a block of rows, as float32, with their masks."""
     mask_a = row_ok[:, None] & (j < H)
     mask_b = row_ok[:, None] & (j + H < C)
     xa = tl.load(x_ptr + xbase + j, mask=mask_a, other=0.0).to(tl.float32)
     xb = tl.load(x_ptr + xbase + H + j, mask=mask_b, other=0.0).to(tl.float32)
+    return xa, xb, mask_a, mask_b
+
+
+@triton.jit
+def _store_pair(
+    lo_ptr, hi_ptr, xa, xb, mask_a, mask_b, xbase, hbase, j, H, inv, bad, seed,
+    QMAX: tl.constexpr, STOCHASTIC: tl.constexpr,
+):
+    """Quantise a pair from :func:`_load_pair` and store its planes."""
     ca = cm.quantize_codes(xa * inv[:, None], bad[:, None], seed, xbase + j, QMAX, STOCHASTIC)
     cb = cm.quantize_codes(xb * inv[:, None], bad[:, None], seed, xbase + H + j, QMAX, STOCHASTIC)
-    ua = (ca + (QMAX + 1)).to(tl.int32)
-    ub = (cb + (QMAX + 1)).to(tl.int32)
+    ua = (ca + _TL_OFFSET).to(tl.int32)
+    ub = (cb + _TL_OFFSET).to(tl.int32)
     tl.store(lo_ptr + xbase + j, (ua & 255).to(tl.uint8), mask=mask_a)
     tl.store(lo_ptr + xbase + H + j, (ub & 255).to(tl.uint8), mask=mask_b)
     # The nibble of a channel past the last one is zero, as in the reference.
@@ -214,12 +221,13 @@ def _compress_kernel(
     hbase = rows.to(tl.int64)[:, None] * H
     cols = tl.arange(0, BLOCK_H)[None, :]
     if SINGLE:
-        xa = tl.load(x_ptr + xbase + cols, mask=row_ok[:, None] & (cols < H), other=0.0).to(tl.float32)
-        xb = tl.load(x_ptr + xbase + H + cols, mask=row_ok[:, None] & (cols + H < C), other=0.0).to(tl.float32)
+        # The whole row is one pair of blocks: statistics and codes from one read.
+        xa, xb, mask_a, mask_b = _load_pair(x_ptr, xbase, cols, H, C, row_ok)
         amax_a, bad_a = cm.group_stats(xa)
         amax_b, bad_b = cm.group_stats(xb)
-        amax = tl.maximum(amax_a, amax_b)
         nbad = tl.maximum(bad_a, bad_b)
+        inv, scale = cm.group_scales(tl.maximum(amax_a, amax_b), nbad > 0, QMAX)
+        _store_pair(lo_ptr, hi_ptr, xa, xb, mask_a, mask_b, xbase, hbase, cols, H, inv, nbad > 0, seed, QMAX, STOCHASTIC)
     else:
         amax = tl.zeros([BLOCK_T], tl.float32)
         nbad = tl.zeros([BLOCK_T], tl.int32)
@@ -228,12 +236,14 @@ def _compress_kernel(
             chunk_amax, chunk_bad = cm.group_stats(x)
             amax = tl.maximum(amax, chunk_amax)
             nbad = tl.maximum(nbad, chunk_bad)
-    inv, scale = cm.group_scales(amax, nbad > 0, QMAX)
-    # The second sweep reads the row again, mostly from cache.
-    for j0 in range(0, H, BLOCK_H):
-        _store_pair(
-            x_ptr, lo_ptr, hi_ptr, xbase, hbase, j0 + cols, H, C, row_ok, inv, nbad > 0, seed, QMAX, STOCHASTIC
-        )
+        inv, scale = cm.group_scales(amax, nbad > 0, QMAX)
+        # The second sweep reads the row again, mostly from cache.
+        for j0 in range(0, H, BLOCK_H):
+            xa, xb, mask_a, mask_b = _load_pair(x_ptr, xbase, j0 + cols, H, C, row_ok)
+            _store_pair(
+                lo_ptr, hi_ptr, xa, xb, mask_a, mask_b, xbase, hbase, j0 + cols, H, inv, nbad > 0, seed,
+                QMAX, STOCHASTIC,
+            )
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
@@ -251,8 +261,8 @@ def _decompress_kernel(
     la = tl.load(lo_ptr + xbase + j, mask=mask_a, other=0).to(tl.int32)
     lb = tl.load(lo_ptr + xbase + H + j, mask=mask_b, other=0).to(tl.int32)
     scale = tl.load(scale_ptr + rows, mask=rows < T, other=0.0)[:, None]
-    qa = ((top & 15) * 256 + la - 2048).to(tl.float32)
-    qb = ((top >> 4) * 256 + lb - 2048).to(tl.float32)
+    qa = ((top & 15) * 256 + la - _TL_OFFSET).to(tl.float32)
+    qb = ((top >> 4) * 256 + lb - _TL_OFFSET).to(tl.float32)
     tl.store(out_ptr + xbase + j, (qa * scale).to(out_ptr.dtype.element_ty), mask=mask_a)
     tl.store(out_ptr + xbase + H + j, (qb * scale).to(out_ptr.dtype.element_ty), mask=mask_b)
 
