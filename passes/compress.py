@@ -47,9 +47,11 @@ Three steps, each a function:
    where it costs less than re-running the value's own op.
 2. :func:`measure_menus` runs the forward once on the real inputs (the RNG
    state is restored afterwards) and measures every lossy codec's round trip
-   on each value's actual data: a codec whose SQNR falls short of
-   ``min_sqnr_db`` is dropped from the menu, as is every lossy codec of a value
-   holding inf or NaN.
+   on each value's actual data, and on the values the backward reads that a
+   rebuild from the decoded copy would re-make (a softmax's row maximum
+   passes its error through ``exp`` amplified): the lowest SQNR counts. A
+   codec whose SQNR falls short of ``min_sqnr_db`` is dropped from the menu,
+   as is every lossy codec of a value holding inf or NaN.
 3. :func:`codecs_inserted` rewrites the joint graph for a plan: ``compress``
    right after the producer in the forward, the payloads saved, ``decompress``
    when the backward first needs the value; the backward's readers take the
@@ -363,26 +365,98 @@ def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     return 10.0 * math.log10(ratio)
 
 
-def _run_forward(info: JointGraphInfo, primals: Sequence[torch.Tensor], wanted: set[fx.Node]) -> Iterator[tuple[fx.Node, torch.Tensor]]:
-    """Run the joint graph's forward nodes on real inputs, yielding each wanted value.
+def _run_forward(
+    info: JointGraphInfo, primals: Sequence[torch.Tensor], hold: dict[fx.Node, int]
+) -> Iterator[tuple[int, dict[fx.Node, object]]]:
+    """Run the joint graph's forward nodes on real inputs; yield ``(i, env)`` after each node.
 
-    Values are freed after their last forward reader, so memory stays near
-    what the forward itself holds.
+    ``env`` maps the nodes computed so far to their values. A value is freed
+    after its last forward reader, or after forward position ``hold[node]``
+    where that is later, so memory stays near what the forward itself holds.
     """
     env: dict[fx.Node, object] = dict(zip(info.primals, primals))
     fw = info.fw_nodes
-    last_use: dict[fx.Node, int] = {}
+    last_use: dict[fx.Node, int] = dict(hold)
     for i, n in enumerate(fw):
         for a in n.all_input_nodes:
-            last_use[a] = i
+            last_use[a] = max(i, last_use.get(a, -1))
     for i, n in enumerate(fw):
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
         env[n] = n.target(*args, **kwargs)
-        if n in wanted and isinstance(env[n], torch.Tensor):
-            yield n, env[n]
-        for a in n.all_input_nodes:
-            if last_use.get(a) == i and a.op != "placeholder":
+        yield i, env
+        for a in (*n.all_input_nodes, n):
+            if last_use.get(a, -1) <= i and a.op != "placeholder":
                 env.pop(a, None)
+
+
+# How many ops deep a rebuild from a decoded value is followed when its error is measured.
+_REBUILD_DEPTH = 6
+
+
+def _rebuild_closure(info: JointGraphInfo, node: fx.Node, fw_index: dict[fx.Node, int]) -> list[fx.Node]:
+    """The forward ops downstream of ``node`` that a rebuild from its decoded copy may re-run.
+
+    Followed in forward order through elementwise and reduction ops, up to
+    :data:`_REBUILD_DEPTH` ops deep (views are free). Matrix multiplies,
+    attention and random ops end the walk: a matrix multiply carries a relative
+    error through about unchanged, and a random op re-run would differ by more
+    than the codec. Returns the ops in forward order, ``node`` first.
+    """
+    depth = {node: 0}
+    closure = [node]
+    # Past the last reader of anything in the closure, nothing more can join.
+    horizon = max((fw_index.get(u, -1) for u in node.users), default=-1)
+    for u in info.fw_nodes[fw_index[node] + 1 :]:
+        if fw_index[u] > horizon:
+            break
+        ins = [a for a in u.all_input_nodes if a in depth]
+        if not ins or u.op != "call_function":
+            continue
+        target = u.target
+        if isinstance(target, torch._ops.OpOverload) and (
+            target in _LIBRARY_KERNELS
+            or _is_attention_op(target)
+            or torch.Tag.nondeterministic_seeded in target.tags
+        ):
+            continue
+        d = max(depth[a] for a in ins) + (0 if target in _VIEWS or target is operator.getitem else 1)
+        if d > _REBUILD_DEPTH:
+            continue
+        depth[u] = d
+        closure.append(u)
+        horizon = max([horizon, *(fw_index.get(w, -1) for w in u.users)])
+    return closure
+
+
+def _rebuilt_sqnr(
+    closure: list[fx.Node], decoded: torch.Tensor, env: dict[fx.Node, object], boundary: set[fx.Node]
+) -> float:
+    """The lowest SQNR among the values the backward reads that a rebuild from ``decoded`` re-makes.
+
+    ``closure[0]`` is the compressed value, replaced by ``decoded``; the other
+    ops of ``closure`` are re-run on it. Which of them a plan re-runs and
+    which it keeps exactly is not known yet, and a mix is what hurts most: a
+    softmax re-run from a decoded row maximum but divided by the exact row
+    sum is off by the factor ``exp(error)``. So the closure runs twice: every
+    op re-run, and the small values (row statistics, a sixteenth of the
+    closure's largest value or less, cheap for a plan to keep) kept exact.
+    ``inf`` when the closure re-makes no value the backward reads.
+    """
+    head = closure[0]
+    sizes = [v.numel() for u in closure if isinstance(v := env[u], torch.Tensor)]
+    small = {u for u in closure[1:] if isinstance(v := env[u], torch.Tensor) and v.numel() * 16 <= max(sizes)}
+    worst = math.inf
+    for exact in (set(), small):
+        rebuilt: dict[fx.Node, object] = {head: decoded}
+        for u in closure[1:]:
+            if u in exact:
+                continue
+            args, kwargs = fx.node.map_arg((u.args, u.kwargs), lambda a: rebuilt.get(a, env[a]))
+            value = u.target(*args, **kwargs)
+            rebuilt[u] = value
+            if u in boundary and isinstance(value, torch.Tensor) and value.is_floating_point():
+                worst = min(worst, sqnr_db(env[u], value))
+    return worst
 
 
 def _matches(primals: Sequence[fx.Node], inputs: Sequence[object]) -> bool:
@@ -435,24 +509,64 @@ def measure_menus(
     with _disable_current_modes(), torch.no_grad(), torch.random.fork_rng(
         devices=sorted({d.index or 0 for d in devices})
     ):
-        for node, value in _run_forward(info, list(real_inputs), set(lossy)):
-            m = lossy[node]
-            finite = bool(torch.isfinite(value).all())
-            for c in list(m.codecs):
-                codec = get_codec(c)
-                if codec.lossless:
-                    continue
-                if not finite:
-                    m.codecs.remove(c)
-                    m.excluded[c] = "value holds inf or NaN"
-                    continue
-                payload = codec.compress_op(value, stochastic=stochastic, seed=0)
-                db = sqnr_db(value, codec.decompress_op(*payload, list(value.shape), value.dtype))
-                m.sqnr_db[c] = db
-                if db < min_sqnr_db:
-                    m.codecs.remove(c)
-                    m.excluded[c] = f"SQNR {db:.1f} dB < min_sqnr_db {min_sqnr_db:g}"
+        fw_index = {n: i for i, n in enumerate(info.fw_nodes)}
+        boundary = set(info.boundary)
+        closures = {n: _rebuild_closure(info, n, fw_index) for n in lossy}
+        # Each value is measured once its closure has run; its inputs are held until then.
+        ready: dict[int, list[fx.Node]] = {}
+        hold: dict[fx.Node, int] = {}
+        for n, closure in closures.items():
+            at = fw_index[closure[-1]]
+            ready.setdefault(at, []).append(n)
+            for u in closure:
+                for a in (u, *u.all_input_nodes):
+                    hold[a] = max(hold.get(a, -1), at)
+        for i, env in _run_forward(info, list(real_inputs), hold):
+            for node in ready.get(i, ()):
+                _measure_value(
+                    lossy[node], env[node], closures[node], env, boundary, min_sqnr_db=min_sqnr_db, stochastic=stochastic
+                )
     return None
+
+
+def _measure_value(
+    m: Menu,
+    value: object,
+    closure: list[fx.Node],
+    env: dict[fx.Node, object],
+    boundary: set[fx.Node],
+    *,
+    min_sqnr_db: float,
+    stochastic: bool,
+) -> None:
+    """Measure each lossy codec of ``m`` on ``value``; drop those that fall short.
+
+    A codec's SQNR is the lowest of the value's own round trip and of every
+    value the backward reads that a rebuild from the decoded copy re-makes (:func:`_rebuilt_sqnr`): a value
+    that feeds an ``exp``, such as a softmax's row maximum, passes its error
+    on amplified.
+    """
+    from adacc_compiler.triton_kernels import get_codec
+
+    assert isinstance(value, torch.Tensor), f"adacc internal error: a codec candidate holds {type(value)}"
+    finite = bool(torch.isfinite(value).all())
+    for c in list(m.codecs):
+        codec = get_codec(c)
+        if codec.lossless:
+            continue
+        if not finite:
+            m.codecs.remove(c)
+            m.excluded[c] = "value holds inf or NaN"
+            continue
+        payload = codec.compress_op(value, stochastic=stochastic, seed=0)
+        decoded = codec.decompress_op(*payload, list(value.shape), value.dtype)
+        own = sqnr_db(value, decoded)
+        db = min(own, _rebuilt_sqnr(closure, decoded, env, boundary))
+        m.sqnr_db[c] = db
+        if db < min_sqnr_db:
+            m.codecs.remove(c)
+            where = "" if db == own else " in the values rebuilt from it"
+            m.excluded[c] = f"SQNR {db:.1f} dB{where} < min_sqnr_db {min_sqnr_db:g}"
 
 
 def _seed(node: fx.Node) -> int:

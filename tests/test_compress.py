@@ -556,3 +556,52 @@ def test_inlined_codecs_join_the_pointwise_kernels_next_to_them():
     # the forward reads it only in a matrix multiply.
     (inp,) = [n for n, p in saved.items() if p.op == "placeholder" and tuple(n.meta["val"].shape) == (32, 16)]
     assert inlined_neighbours(info, inp) == (False, False)
+
+
+def _softmax_joint(scale: float):
+    """``softmax(x @ w * scale) @ v``, the softmax spelt as Inductor decomposes it:
+    the backward reads the probabilities, which a plan may rebuild from the
+    scores and their row maximum and sum."""
+    torch.manual_seed(0)
+    w = (torch.randn(64, 64) / 8).requires_grad_()
+    v = (torch.randn(64, 64) / 8).requires_grad_()
+    x = torch.randn(2048, 64)  # a row maximum of 8 KiB: large enough to be offered codecs
+
+    def loss(w, v, x):
+        s = x @ w * scale
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        return (e / e.sum(-1, keepdim=True) @ v).pow(2).mean()
+
+    gm, inputs, kwargs = trace_joint(loss, w, v, x, static=(0, 1))
+    return gm, kwargs, [w.detach(), v.detach(), x]
+
+
+@pytest.mark.parametrize("scale", [0.1, 30.0])
+def test_codec_error_is_measured_on_the_values_rebuilt_from_it(scale):
+    # A softmax's row maximum is tiny, but the probabilities rebuilt from its
+    # decoded copy (divided by the exact row sum) are off by exp(error): with
+    # large scores, far more than the maximum's own round trip says.
+    gm, kwargs, real = _softmax_joint(scale)
+    info = _info(gm, kwargs)
+    menus = codec_menus(info, mode="lossy", sensitive=True)
+    measure_menus(info, menus, real, min_sqnr_db=0.0)
+    (amax,) = [n for n in menus if n.target is aten.amax.default]
+    scores = [n for n in amax.all_input_nodes][0]
+    x, w = real[2], real[0]
+    exact_scores = (x @ w * scale).reshape(scores.meta["val"].shape)
+    exact_max = exact_scores.amax(-1, keepdim=True)
+    decoded_max = exact_max.to(torch.bfloat16).float()
+    own = sqnr_db(exact_max, decoded_max)
+    probs = torch.exp(exact_scores - decoded_max) / torch.exp(exact_scores - exact_max).sum(-1, keepdim=True)
+    rebuilt = sqnr_db(torch.softmax(exact_scores, -1), probs)
+    measured = menus[amax].sqnr_db["bf16"]
+    assert measured == pytest.approx(min(own, rebuilt), abs=0.5), (measured, own, rebuilt)
+    if scale > 1:
+        assert rebuilt < own - 10.0, (own, rebuilt)
+    # A floor between the two drops the codec, and says where the error showed.
+    floor = (own + rebuilt) / 2 if scale > 1 else own + 1.0
+    strict = codec_menus(info, mode="lossy", sensitive=True)
+    measure_menus(info, strict, real, min_sqnr_db=floor)
+    assert "bf16" not in strict[amax].codecs
+    if scale > 1:
+        assert "rebuilt from it" in strict[amax].excluded["bf16"]
