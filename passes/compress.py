@@ -542,9 +542,9 @@ def _measure_value(
     """Measure each lossy codec of ``m`` on ``value``; drop those that fall short.
 
     A codec's SQNR is the lowest of the value's own round trip and of every
-    value the backward reads that a rebuild from the decoded copy re-makes (:func:`_rebuilt_sqnr`): a value
-    that feeds an ``exp``, such as a softmax's row maximum, passes its error
-    on amplified.
+    value the backward reads that a rebuild from the decoded copy re-makes
+    (:func:`_rebuilt_sqnr`): a value that feeds an ``exp``, such as a
+    softmax's row maximum, passes its error on amplified.
     """
     from adacc_compiler.triton_kernels import get_codec
 
