@@ -353,9 +353,14 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool, checkpoints
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio of ``y`` as an approximation of ``x``, in dB."""
-    x = x.detach().double()
-    noise = (x - y.detach().double()).pow(2).sum().item()
-    signal = x.pow(2).sum().item()
+    # Two fused reductions (norms accumulate in double on the CPU), no
+    # temporaries: measuring every codec on every value the backward reads
+    # runs this thousands of times.
+    x, y = x.detach(), y.detach()
+    wide = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(wide), y.to(wide)
+    noise = torch.dist(x, y).item() ** 2
+    signal = torch.linalg.vector_norm(x).item() ** 2
     if noise == 0.0:
         return math.inf
     ratio = signal / noise
@@ -400,7 +405,8 @@ def _rebuild_closure(info: JointGraphInfo, node: fx.Node, fw_index: dict[fx.Node
     :data:`_REBUILD_DEPTH` ops deep (views are free). Matrix multiplies,
     attention and random ops end the walk: a matrix multiply carries a relative
     error through about unchanged, and a random op re-run would differ by more
-    than the codec. Returns the ops in forward order, ``node`` first.
+    than the codec. Returns, in forward order and ``node`` first, the ops on a
+    path to a value the backward reads.
     """
     depth = {node: 0}
     closure = [node]
@@ -425,7 +431,13 @@ def _rebuild_closure(info: JointGraphInfo, node: fx.Node, fw_index: dict[fx.Node
         depth[u] = d
         closure.append(u)
         horizon = max([horizon, *(fw_index.get(w, -1) for w in u.users)])
-    return closure
+    # Only ops on a path to a value the backward reads matter.
+    boundary = set(info.boundary)
+    wanted: set[fx.Node] = set()
+    for u in reversed(closure[1:]):
+        if u in boundary or any(w in wanted for w in u.users):
+            wanted.add(u)
+    return [node] + [u for u in closure[1:] if u in wanted]
 
 
 def _rebuilt_sqnr(
@@ -439,23 +451,36 @@ def _rebuilt_sqnr(
     softmax re-run from a decoded row maximum but divided by the exact row
     sum is off by the factor ``exp(error)``. So the closure runs twice: every
     op re-run, and the small values (row statistics, a sixteenth of the
-    closure's largest value or less, cheap for a plan to keep) kept exact.
+    closure's largest value or less, cheap for a plan to keep) kept exact;
+    the second run re-makes only what depends on those. A value the backward
+    reads through a view is measured at the view's base (the same error).
     ``inf`` when the closure re-makes no value the backward reads.
     """
     head = closure[0]
+    if len(closure) == 1:
+        return math.inf
+    members = set(closure)
+    measured = {_producer(u) for u in closure[1:] if u in boundary}
+    measured = {u for u in measured if u in members and u is not head}
     sizes = [v.numel() for u in closure if isinstance(v := env[u], torch.Tensor)]
     small = {u for u in closure[1:] if isinstance(v := env[u], torch.Tensor) and v.numel() * 16 <= max(sizes)}
     worst = math.inf
-    for exact in (set(), small):
-        rebuilt: dict[fx.Node, object] = {head: decoded}
-        for u in closure[1:]:
-            if u in exact:
-                continue
-            args, kwargs = fx.node.map_arg((u.args, u.kwargs), lambda a: rebuilt.get(a, env[a]))
-            value = u.target(*args, **kwargs)
-            rebuilt[u] = value
-            if u in boundary and isinstance(value, torch.Tensor) and value.is_floating_point():
-                worst = min(worst, sqnr_db(env[u], value))
+
+    def run(u: fx.Node, arg) -> object:
+        nonlocal worst
+        args, kwargs = fx.node.map_arg((u.args, u.kwargs), arg)
+        value = u.target(*args, **kwargs)
+        if u in measured and isinstance(value, torch.Tensor) and value.is_floating_point():
+            worst = min(worst, sqnr_db(env[u], value))
+        return value
+
+    every: dict[fx.Node, object] = {head: decoded}
+    for u in closure[1:]:
+        every[u] = run(u, lambda a: every.get(a, env[a]))
+    mixed: dict[fx.Node, object] = {}
+    for u in closure[1:]:
+        if u not in small and any(a in small or a in mixed for a in u.all_input_nodes):
+            mixed[u] = run(u, lambda a: env[a] if a in small else mixed.get(a, every.get(a, env[a])))
     return worst
 
 
@@ -561,7 +586,8 @@ def _measure_value(
         payload = codec.compress_op(value, stochastic=stochastic, seed=0)
         decoded = codec.decompress_op(*payload, list(value.shape), value.dtype)
         own = sqnr_db(value, decoded)
-        db = min(own, _rebuilt_sqnr(closure, decoded, env, boundary))
+        # Short of the floor already: the rebuilt values can only lower it.
+        db = own if own < min_sqnr_db else min(own, _rebuilt_sqnr(closure, decoded, env, boundary))
         m.sqnr_db[c] = db
         if db < min_sqnr_db:
             m.codecs.remove(c)
