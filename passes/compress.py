@@ -398,7 +398,9 @@ def _run_forward(
 _REBUILD_DEPTH = 6
 
 
-def _rebuild_closure(info: JointGraphInfo, node: fx.Node, fw_index: dict[fx.Node, int]) -> list[fx.Node]:
+def _rebuild_closure(
+    info: JointGraphInfo, node: fx.Node, fw_index: dict[fx.Node, int], boundary: set[fx.Node]
+) -> list[fx.Node]:
     """The forward ops downstream of ``node`` that a rebuild from its decoded copy may re-run.
 
     Followed in forward order through elementwise and reduction ops, up to
@@ -406,7 +408,7 @@ def _rebuild_closure(info: JointGraphInfo, node: fx.Node, fw_index: dict[fx.Node
     attention and random ops end the walk: a matrix multiply carries a relative
     error through about unchanged, and a random op re-run would differ by more
     than the codec. Returns, in forward order and ``node`` first, the ops on a
-    path to a value the backward reads.
+    path to a value the backward reads (``boundary``).
     """
     depth = {node: 0}
     closure = [node]
@@ -432,7 +434,6 @@ def _rebuild_closure(info: JointGraphInfo, node: fx.Node, fw_index: dict[fx.Node
         closure.append(u)
         horizon = max([horizon, *(fw_index.get(w, -1) for w in u.users)])
     # Only ops on a path to a value the backward reads matter.
-    boundary = set(info.boundary)
     wanted: set[fx.Node] = set()
     for u in reversed(closure[1:]):
         if u in boundary or any(w in wanted for w in u.users):
@@ -460,10 +461,16 @@ def _rebuilt_sqnr(
     if len(closure) == 1:
         return math.inf
     members = set(closure)
-    measured = {_producer(u) for u in closure[1:] if u in boundary}
-    measured = {u for u in measured if u in members and u is not head}
-    sizes = [v.numel() for u in closure if isinstance(v := env[u], torch.Tensor)]
-    small = {u for u in closure[1:] if isinstance(v := env[u], torch.Tensor) and v.numel() * 16 <= max(sizes)}
+
+    def view_base(u: fx.Node) -> fx.Node:
+        # Through views only: a multi-output op's items are measured themselves.
+        while u.target in _VIEWS and isinstance(u.args[0], fx.Node) and u.args[0] in members:
+            u = u.args[0]
+        return u
+
+    measured = {view_base(u) for u in closure[1:] if u in boundary} - {head}
+    largest = max(v.numel() for u in closure if isinstance(v := env[u], torch.Tensor))
+    small = {u for u in closure[1:] if isinstance(v := env[u], torch.Tensor) and v.numel() * 16 <= largest}
     worst = math.inf
 
     def run(u: fx.Node, arg) -> object:
@@ -536,7 +543,7 @@ def measure_menus(
     ):
         fw_index = {n: i for i, n in enumerate(info.fw_nodes)}
         boundary = set(info.boundary)
-        closures = {n: _rebuild_closure(info, n, fw_index) for n in lossy}
+        closures = {n: _rebuild_closure(info, n, fw_index, boundary) for n in lossy}
         # Each value is measured once its closure has run; its inputs are held until then.
         ready: dict[int, list[fx.Node]] = {}
         hold: dict[fx.Node, int] = {}
