@@ -19,6 +19,8 @@ Package map:
 * :mod:`adacc_compiler.solver` - the HiGHS MILP, greedy warm start, fallback.
 * :mod:`adacc_compiler.multi_rebuild` - plans for budgets no single-rebuild
   plan meets (base plans x region sizes, judged by the exact simulation).
+* :mod:`adacc_compiler.evolve` - policy evolution: a plan's lossy codecs
+  re-measured while training, a new plan when they drift.
 * :mod:`adacc_compiler.plan` - Plan / Decision types (JSON-serialisable).
 * :mod:`adacc_compiler.dump` - graphs, plan, solver summary and timelines on disk.
 * :mod:`adacc_compiler.measure` - measured saved bytes, peak memory, step ratios.

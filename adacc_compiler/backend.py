@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from adacc_compiler.config import AdaccConfig
+from adacc_compiler.evolve import EvolvingGraph, PlanMonitor
 from adacc_compiler.plan import COMPRESS, DROP, RECOMPUTE, RETAIN, Decision, MemoryTimeline, Plan
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,27 @@ class CompiledGraph:
     dump_path: str | None = None
     forward_graph: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
     backward_graph: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+    # The plan's lossy codecs and their checks while training (None: no lossy codec).
+    monitor: PlanMonitor | None = dataclasses.field(default=None, repr=False)
+    # A re-plan's predecessor, whose codecs drifted (policy evolution).
+    replaces: str | None = None
 
 
 _history: collections.deque[CompiledGraph] = collections.deque(maxlen=256)
-# The real example inputs of each compile in flight, by partitioner nonce: the
-# partitioner measures codecs on actual values. Held only while compile_fx runs
-# (Inductor deep-copies its config, partitioner included, so they cannot live
-# on the partitioner itself).
-_real_inputs: dict[bytes, Sequence[Any]] = {}
+
+
+@dataclass
+class _InFlight:
+    """One compile in flight: what its partitioner needs and what it hands back."""
+
+    inputs: Sequence[Any]  # the real inputs: the partitioner measures codecs on actual values
+    notes: list[str]  # for the plan's notes (why it was made)
+    records: list[CompiledGraph] = dataclasses.field(default_factory=list)
+
+
+# By partitioner nonce, while compile_fx runs (Inductor deep-copies its
+# config, partitioner included, so this cannot live on the partitioner).
+_in_flight: dict[bytes, _InFlight] = {}
 _counter = itertools.count()
 _lock = threading.Lock()
 
@@ -122,20 +136,30 @@ def adacc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: A
     if not _needs_grad(example_inputs):
         log.debug("adacc: graph needs no gradient; compiling with stock Inductor")
         return compile_fx(gm, example_inputs)
-    partitioner = AdaccPartitioner(config)
-    # The AOTAutograd cache would hand back a partition without calling the
-    # partitioner; adacc re-plans on every compile instead. Inductor's FX-graph
-    # cache stays on: its keys are the partitioned graphs, which encode the plan.
-    from torch._functorch import config as functorch_config
+    def compile_once(inputs: Sequence[Any], reason: str | None = None):
+        partitioner = AdaccPartitioner(config)
+        flight = _InFlight(inputs=inputs, notes=[reason] if reason else [])
+        # The AOTAutograd cache would hand back a partition without calling the
+        # partitioner; adacc re-plans on every compile instead. Inductor's FX-graph
+        # cache stays on: its keys are the partitioned graphs, which encode the plan.
+        from torch._functorch import config as functorch_config
 
-    with _lock:
-        _real_inputs[partitioner._nonce] = example_inputs
-    try:
-        with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
-    finally:
         with _lock:
-            _real_inputs.pop(partitioner._nonce, None)
+            _in_flight[partitioner._nonce] = flight
+        try:
+            with functorch_config.patch(enable_autograd_cache=False):
+                # Dynamo's own graph module, not a copy: AOTAutograd reads which
+                # inputs are parameters from attributes a copy loses.
+                compiled = compile_fx(gm, list(inputs), config_patches={"custom_partitioner_fn": partitioner})
+        finally:
+            with _lock:
+                _in_flight.pop(partitioner._nonce, None)
+        return compiled, (flight.records[-1] if flight.records else None)
+
+    compiled, record = compile_once(example_inputs)
+    if config.recheck_after is None or record is None or record.monitor is None:
+        return compiled
+    return EvolvingGraph(compiled, record, compile_once, first_check=config.recheck_after)
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -180,7 +204,7 @@ class AdaccPartitioner(CustomPartitionerFn):
         static = kwargs.get("static_lifetime_input_indices") or []
         gm = tp.prepare_joint_graph(gm)
         with _lock:
-            real_inputs = _real_inputs.get(self._nonce)
+            flight = _in_flight.get(self._nonce)
         return plan_and_partition(
             gm,
             joint_inputs,
@@ -188,7 +212,9 @@ class AdaccPartitioner(CustomPartitionerFn):
             num_fwd_outputs=num_fwd_outputs,
             static_lifetime_input_indices=list(static),
             cost_model=self._costs(),
-            real_inputs=real_inputs,
+            real_inputs=flight.inputs if flight else None,
+            notes=flight.notes if flight else (),
+            records=flight.records if flight else None,
         )
 
 
@@ -265,11 +291,15 @@ def plan_and_partition(
     static_lifetime_input_indices: list[int],
     cost_model,
     real_inputs: Sequence[Any] | None = None,
+    notes: Sequence[str] = (),
+    records: list[CompiledGraph] | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Analyse, plan, split and verify one prepared joint graph.
 
     ``real_inputs`` (the graph's actual inputs, when known) let lossy codecs be
     measured on actual values; without them only lossless codecs are offered.
+    ``notes`` open the plan's notes; the graph's record is appended to
+    ``records`` when given (and always kept in :func:`compiled_graphs`).
     """
     from adacc_compiler.passes import _torch as tp
     from adacc_compiler.passes.classify import analyze_joint_graph
@@ -489,7 +519,7 @@ def plan_and_partition(
         )
     fixed = sum(info.nbytes.get(p, 0) for p in res.keep_primals)
     solver = res.summary()
-    notes = []
+    notes = list(notes)
     if codec_note:
         notes.append(codec_note)
     if len(attempts) > 1:
@@ -536,7 +566,16 @@ def plan_and_partition(
     if log.isEnabledFor(logging.DEBUG):
         log.debug("adacc %s decisions:\n%s", graph_id, plan.table())
 
-    record = CompiledGraph(graph_id, plan, stock_tl, plan_tl, config, forward_graph=fw_gm, backward_graph=bw_gm)
+    record = CompiledGraph(
+        graph_id,
+        plan,
+        stock_tl,
+        plan_tl,
+        config,
+        forward_graph=fw_gm,
+        backward_graph=bw_gm,
+        monitor=_monitor(info, res.compress, menus, codec_options, config),
+    )
     if config.dump_dir:
         from adacc_compiler.dump import write_dumps
 
@@ -555,4 +594,23 @@ def plan_and_partition(
         )
     with _lock:
         _history.append(record)
+    if records is not None:
+        records.append(record)
     return fw_gm, bw_gm
+
+
+def _monitor(info, compress, menus, codec_options, config: AdaccConfig):
+    """What a codec check needs of the plan (None: the plan holds no lossy codec)."""
+    lossy = {n: c for n, c in compress.items() if next(o for o in codec_options[n] if o.codec == c).sqnr_db is not None}
+    if not lossy:
+        return None
+    return PlanMonitor(
+        info=info,
+        codecs=lossy,
+        checkpoints=frozenset(n for n in lossy if menus[n].checkpoint),
+        planned_sqnr_db={n: next(o for o in codec_options[n] if o.codec == c).sqnr_db for n, c in lossy.items()},
+        min_sqnr_db=config.min_sqnr_db,
+        min_plan_sqnr_db=config.min_plan_sqnr_db,
+        tolerance_db=config.recheck_tolerance_db,
+        stochastic=config.stochastic_rounding,
+    )

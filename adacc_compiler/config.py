@@ -62,6 +62,8 @@ ENV_VARS = {
     "ADACC_COMPRESS_CHECKPOINTS": "compress_checkpoints",
     "ADACC_STOCHASTIC_ROUNDING": "stochastic_rounding",
     "ADACC_MULTI_REBUILD": "multi_rebuild",
+    "ADACC_RECHECK_AFTER": "recheck_after",
+    "ADACC_RECHECK_TOLERANCE_DB": "recheck_tolerance_db",
 }
 
 # Accepted values of the ``compress`` option.
@@ -147,6 +149,16 @@ class AdaccConfig:
             that reads them (:mod:`adacc_compiler.multi_rebuild`): smaller
             peaks for more recomputation. ``False`` reports such a budget
             infeasible instead.
+        recheck_after: Policy evolution (:mod:`adacc_compiler.evolve`): a
+            compiled graph whose plan holds lossy codecs re-measures them on
+            its actual values at this call, and again each time after twice
+            as many calls (up to every 1024); when they have drifted past
+            ``min_sqnr_db`` or ``min_plan_sqnr_db``, it is planned and
+            compiled again on the current values. ``None`` (or ``"off"``)
+            never checks: the first plan stays.
+        recheck_tolerance_db: How far below ``min_sqnr_db`` or
+            ``min_plan_sqnr_db`` a check lets a codec or the plan fall
+            before it re-plans, in dB (the spread between batches).
     """
 
     memory_budget: float | int | str = 1.0
@@ -164,6 +176,8 @@ class AdaccConfig:
     compress_checkpoints: bool = True
     stochastic_rounding: bool = False
     multi_rebuild: bool = True
+    recheck_after: int | None = 10
+    recheck_tolerance_db: float = 1.0
 
     def __post_init__(self) -> None:
         budget = self.memory_budget
@@ -224,6 +238,27 @@ class AdaccConfig:
                     f"got {self.min_plan_sqnr_db!r}"
                 )
         object.__setattr__(self, "min_plan_sqnr_db", plan_sqnr)
+        recheck = self.recheck_after
+        if isinstance(recheck, str) and recheck.strip().lower() in ("none", "off"):
+            recheck = None
+        if recheck is not None:
+            try:
+                parsed = int(recheck) if not isinstance(recheck, (bool, float)) else None
+            except (TypeError, ValueError):
+                parsed = None
+            if parsed is None or parsed < 1:
+                raise ValueError(
+                    f"recheck_after: expected a positive number of calls, or None / 'off' to never re-check, got {recheck!r}"
+                )
+            recheck = parsed
+        object.__setattr__(self, "recheck_after", recheck)
+        try:
+            tol = float(self.recheck_tolerance_db)
+        except (TypeError, ValueError):
+            tol = math.nan
+        if isinstance(self.recheck_tolerance_db, bool) or not (0.0 <= tol < math.inf):
+            raise ValueError(f"recheck_tolerance_db: expected a finite number of dB >= 0, got {self.recheck_tolerance_db!r}")
+        object.__setattr__(self, "recheck_tolerance_db", tol)
         object.__setattr__(self, "solver_time_limit", limit)
         object.__setattr__(self, "solver_mip_gap", gap)
         for name in ("cache_dir", "dump_dir"):

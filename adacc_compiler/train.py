@@ -365,9 +365,14 @@ def _plan_info(records: list[Any]) -> dict[str, Any]:
                 "solver_status": p.solver.status,
                 "solver_time_s": p.solver.time_s,
                 "dump_path": r.dump_path,
+                # Set on a re-plan (policy evolution): the graph it took over from, and why.
+                "replaces": r.replaces,
+                "notes": list(p.notes),
             }
         )
-    return {"graphs": graphs, "budget_bytes": sum(g["budget_bytes"] for g in graphs)}
+    replaced = {g["replaces"] for g in graphs}
+    # The graphs running at the end: a re-planned graph counts once.
+    return {"graphs": graphs, "budget_bytes": sum(g["budget_bytes"] for g in graphs if g["graph_id"] not in replaced)}
 
 
 def format_summary(result: TrainResult) -> str:
@@ -392,10 +397,15 @@ def format_summary(result: TrainResult) -> str:
     for g in result.plan["graphs"]:
         c = g["counts"]
         decisions = ", ".join(f"{k} {v}" for k, v in c.items() if v and k != "drop")
-        lines.append(
-            f"adacc plan {g['graph_id']}: budget {g['budget_bytes'] / MiB:.2f} MiB of stock Inductor's "
-            f"{g['stock_peak_bytes'] / MiB:.2f} MiB activation peak,"
-        )
+        if g.get("replaces"):
+            # The reason is the plan's first note: "re-plan of X at call N, its codecs drifted: ...".
+            lines.append(f"adacc plan {g['graph_id']}: {g['notes'][0]}")
+            lines.append(f"  budget {g['budget_bytes'] / MiB:.2f} MiB, as before,")
+        else:
+            lines.append(
+                f"adacc plan {g['graph_id']}: budget {g['budget_bytes'] / MiB:.2f} MiB of stock Inductor's "
+                f"{g['stock_peak_bytes'] / MiB:.2f} MiB activation peak,"
+            )
         lines.append(
             f"  predicted peak {g['predicted_peak_bytes'] / MiB:.2f} MiB, saves {g['predicted_saved_bytes'] / MiB:.2f} MiB; "
             f"{decisions}; solver {g['solver_status']} in {g['solver_time_s']:.2f} s"

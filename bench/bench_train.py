@@ -54,6 +54,7 @@ FIELDS = [
     "inductor_peak_mib",
     "adacc_peak_mib",
     "step_ratio",
+    "replans",
 ]
 
 
@@ -73,20 +74,22 @@ def _row(seed: int, result: TrainResult) -> dict[str, float]:
         "inductor_peak_mib": ind.peak_bytes / mib,
         "adacc_peak_mib": ada.peak_bytes / mib,
         "step_ratio": result.step_ratio,
+        # Plans made again after their codecs drifted (policy evolution).
+        "replans": sum(1 for g in result.plan["graphs"] if g.get("replaces")),
     }
 
 
 def _table(rows: list[dict[str, float]]) -> str:
     lines = [
         f"{'seed':>4} {'final (Ind / adacc)':>21} {'diff':>7} {'held-out (Ind / adacc)':>23} {'diff':>7} "
-        f"{'saved MiB (Ind / adacc)':>24} {'step ratio':>10}"
+        f"{'saved MiB (Ind / adacc)':>24} {'step ratio':>10} {'re-plans':>8}"
     ]
     for r in rows:
         lines.append(
             f"{r['seed']:>4} {r['inductor_final_loss']:>10.4f} / {r['adacc_final_loss']:<8.4f} "
             f"{100 * r['final_rel_diff']:>+6.2f}% {r['inductor_heldout_loss']:>11.4f} / {r['adacc_heldout_loss']:<9.4f} "
             f"{100 * r['heldout_rel_diff']:>+6.2f}% {r['inductor_saved_mib']:>12.2f} / {r['adacc_saved_mib']:<9.2f} "
-            f"{r['step_ratio']:>10.3f}"
+            f"{r['step_ratio']:>10.3f} {r['replans']:>8d}"
         )
     for key, label in (("final_rel_diff", "final loss"), ("heldout_rel_diff", "held-out loss")):
         values = [r[key] for r in rows]
