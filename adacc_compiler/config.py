@@ -123,15 +123,18 @@ class AdaccConfig:
             to at most ``10 ** (-min_plan_sqnr_db / 10)``. ``min_sqnr_db``
             bounds each value alone; the errors of many compressed values
             add up in the gradients. ``None`` (or ``"off"``) lifts the bound.
-            The default, 36, kept 300 steps of training at budget 0.25
-            within 1% of stock Inductor's loss on four seeds (0.65% in
-            bench/results/train_b025_plan36, 0.96% in train_b025_int12). 33 dB kept four seeds there
-            within 0.45% (train_b025_plan33_rebuilt) and is about 0.4 ms a
-            step cheaper on the 4-layer benchmark Llama, but one run of
-            ``adacc train`` at 0.5 ended 1.37% above stock Inductor with it
-            (its plan held the cross-entropy's ``exp`` in int8); 30 dB ended
-            two of four seeds at 0.25 1.3% and 2.1% above
-            (train_b025_plan30_rebuilt).
+            The default, 33, with policy evolution (``recheck_after``) on,
+            kept 300 steps of training at budget 0.25 within 0.44% of stock
+            Inductor's final loss on four seeds
+            (bench/results/train_b025_plan33_evolve) and two runs of
+            ``adacc train`` within 0.04% (train_demo_b05_plan33_evolve).
+            Without evolution one such run had ended 1.37% above: its plan
+            held the cross-entropy's ``exp`` in int8 at 45 dB measured on
+            step 0, which training took below 30 dB within ten steps. 36 dB
+            is about 0.4 ms a step dearer on the 4-layer benchmark Llama
+            (four seeds within 0.23%, train_b025_plan36_evolve); 30 dB ended
+            one seed 1.24% above even with evolution
+            (train_b025_plan30_evolve).
         compress_sensitive: Also offer lossy codecs for the tensors attention's
             backward needs and for the residual stream (lossless-only otherwise).
         compress_checkpoints: Also offer codecs to values the backward does
@@ -171,7 +174,7 @@ class AdaccConfig:
     verify: bool = True
     compress: str = "lossy"
     min_sqnr_db: float = 30.0
-    min_plan_sqnr_db: float | None = 36.0
+    min_plan_sqnr_db: float | None = 33.0
     compress_sensitive: bool = False
     compress_checkpoints: bool = True
     stochastic_rounding: bool = False
