@@ -98,8 +98,9 @@ class PlanMonitor:
         for n, c in self.codecs.items():
             # A value holding inf or NaN has its lossy codecs excluded: no SQNR.
             sqnr[n] = menus[n].sqnr_db.get(c, -math.inf) if c in menus[n].codecs else -math.inf
-        noise = sum(noise_power(db) if math.isfinite(db) else math.inf for db in sqnr.values())
-        plan_db = math.inf if noise == 0 else -10.0 * math.log10(noise) if math.isfinite(noise) else -math.inf
+        # An exact round trip (inf dB) adds no noise; an unbounded error (-inf) makes the sum inf.
+        noise = sum(noise_power(db) for db in sqnr.values())
+        plan_db = math.inf if noise == 0 else -math.inf if math.isinf(noise) else -10.0 * math.log10(noise)
         drift = []
         for n, db in sqnr.items():
             if db == -math.inf:
