@@ -136,6 +136,7 @@ def adacc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: A
     if not _needs_grad(example_inputs):
         log.debug("adacc: graph needs no gradient; compiling with stock Inductor")
         return compile_fx(gm, example_inputs)
+
     def compile_once(inputs: Sequence[Any], reason: str | None = None):
         partitioner = AdaccPartitioner(config)
         flight = _InFlight(inputs=inputs, notes=[reason] if reason else [])
