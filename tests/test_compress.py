@@ -605,3 +605,46 @@ def test_codec_error_is_measured_on_the_values_rebuilt_from_it(scale):
     assert "bf16" not in strict[amax].codecs
     if scale > 1:
         assert "rebuilt from it" in strict[amax].excluded["bf16"]
+
+
+def test_measurement_runs_backward_only_ops_early_and_frees_what_it_held():
+    # Inductor's decomposition keeps a SiLU's sigmoid (and 1 - sigmoid) for
+    # its gradient at the end of the forward. Measured in that order, the
+    # values they are made from stayed alive across the whole forward (and a
+    # value held past its last reader was never freed).
+    from adacc_compiler.passes.compress import _measure_order, _run_forward
+
+    torch.manual_seed(0)
+    w1, w2, w3 = (torch.randn(*s, requires_grad=True) for s in ((32, 64), (64, 32), (32, 32)))
+    x = torch.randn(16, 32)
+
+    def loss(w1, w2, w3, x):
+        h = F.silu(x @ w1) @ w2
+        return (F.silu(h) @ w3).pow(2).mean()
+
+    gm, _, kwargs = trace_joint(loss, w1, w2, w3, x, static=(0, 1, 2), inductor_decomps=True)
+    info = _info(gm, kwargs)
+    order = _measure_order(info)
+    assert sorted(order, key=info.fw_nodes.index) == info.fw_nodes
+    pos = {n: i for i, n in enumerate(order)}
+    for n in order:
+        assert all(pos[a] < pos[n] for a in n.all_input_nodes if a in pos), n
+    sigmoids = [n for n in info.fw_nodes if n.target is aten.sigmoid.default]
+    assert sigmoids, gm.code
+    joint = {n: i for i, n in enumerate(info.fw_nodes)}
+    # The joint graph placed at least one far from its input ...
+    assert any(joint[s] > joint[s.all_input_nodes[0]] + 3 for s in sigmoids), [(joint[s], len(joint)) for s in sigmoids]
+    for s in sigmoids:
+        # ... the measurement runs each right after it.
+        (src,) = s.all_input_nodes
+        assert pos[s] <= pos[src] + 3, (pos[s], pos[src], len(order))
+    # A value held past its last reader is freed right after the position it is held to.
+    first = next(n for n in order if any(u in pos for u in n.users))
+    readers = [pos[u] for u in first.users if u in pos]
+    held_to = max(readers) + 2
+    real = [w.detach() for w in (w1, w2, w3)] + [x]
+    seen = []
+    for i, env in _run_forward(info, order, real, {first: held_to}):
+        seen.append((i, first in env))
+    assert all(alive for i, alive in seen if pos[first] <= i <= held_to)
+    assert not any(alive for i, alive in seen if i > held_to)
