@@ -484,6 +484,8 @@ def plan_and_partition(
         )
     tag_plan(info, res.save, res.recompute, res.compress)
 
+    # The option each compressed value takes: its codec's bytes, cost and SQNR.
+    chosen_options = {n: next(o for o in codec_options[n] if o.codec == c) for n, c in res.compress.items()}
     decisions = []
     boundary = set(info.boundary)
     rebuilds = rebuild_counts(info, bw_gm)
@@ -495,9 +497,7 @@ def plan_and_partition(
             RETAIN if c in res.save else RECOMPUTE if c in res.recompute else COMPRESS if c in res.compress else DROP
         )
         menu = menus.get(c)
-        chosen = None
-        if c in res.compress:
-            chosen = next(o for o in codec_options[c] if o.codec == res.compress[c])
+        chosen = chosen_options.get(c)
         decisions.append(
             Decision(
                 name=c.name,
@@ -575,7 +575,7 @@ def plan_and_partition(
         config,
         forward_graph=fw_gm,
         backward_graph=bw_gm,
-        monitor=_monitor(info, res.compress, menus, codec_options, config),
+        monitor=_monitor(info, chosen_options, menus, config),
     )
     if config.dump_dir:
         from adacc_compiler.dump import write_dumps
@@ -600,16 +600,16 @@ def plan_and_partition(
     return fw_gm, bw_gm
 
 
-def _monitor(info, compress, menus, codec_options, config: AdaccConfig):
+def _monitor(info, chosen_options, menus, config: AdaccConfig):
     """What a codec check needs of the plan (None: the plan holds no lossy codec)."""
-    lossy = {n: c for n, c in compress.items() if next(o for o in codec_options[n] if o.codec == c).sqnr_db is not None}
+    lossy = {n: o for n, o in chosen_options.items() if o.sqnr_db is not None}
     if not lossy:
         return None
     return PlanMonitor(
         info=info,
-        codecs=lossy,
+        codecs={n: o.codec for n, o in lossy.items()},
         checkpoints=frozenset(n for n in lossy if menus[n].checkpoint),
-        planned_sqnr_db={n: next(o for o in codec_options[n] if o.codec == c).sqnr_db for n, c in lossy.items()},
+        planned_sqnr_db={n: o.sqnr_db for n, o in lossy.items()},
         min_sqnr_db=config.min_sqnr_db,
         min_plan_sqnr_db=config.min_plan_sqnr_db,
         tolerance_db=config.recheck_tolerance_db,

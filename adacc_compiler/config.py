@@ -75,6 +75,11 @@ def _default_cache_dir() -> str:
     return os.path.join(base, "adacc")
 
 
+def _is_off(value: Any) -> bool:
+    """``None``, or the strings ``"none"`` / ``"off"`` an option that can be turned off accepts."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off"))
+
+
 def _parse_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -227,9 +232,7 @@ class AdaccConfig:
         if not math.isfinite(sqnr):
             raise ValueError(f"min_sqnr_db: expected a finite number of dB, got {self.min_sqnr_db!r}")
         object.__setattr__(self, "min_sqnr_db", sqnr)
-        plan_sqnr = self.min_plan_sqnr_db
-        if isinstance(plan_sqnr, str) and plan_sqnr.strip().lower() in ("none", "off"):
-            plan_sqnr = None
+        plan_sqnr = None if _is_off(self.min_plan_sqnr_db) else self.min_plan_sqnr_db
         if plan_sqnr is not None:
             try:
                 plan_sqnr = float(plan_sqnr)
@@ -241,9 +244,7 @@ class AdaccConfig:
                     f"got {self.min_plan_sqnr_db!r}"
                 )
         object.__setattr__(self, "min_plan_sqnr_db", plan_sqnr)
-        recheck = self.recheck_after
-        if isinstance(recheck, str) and recheck.strip().lower() in ("none", "off"):
-            recheck = None
+        recheck = None if _is_off(self.recheck_after) else self.recheck_after
         if recheck is not None:
             try:
                 parsed = int(recheck) if not isinstance(recheck, (bool, float)) else None

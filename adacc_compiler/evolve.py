@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from adacc_compiler.plan import noise_power
+from adacc_compiler.plan import combined_sqnr_db
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,9 @@ class PlanMonitor:
         if note is not None:
             log.warning("adacc: codec check at call %d skipped: %s", call, note)
             return None
-        sqnr = {}
-        for n, c in self.codecs.items():
-            # A value holding inf or NaN has its lossy codecs excluded: no SQNR.
-            sqnr[n] = menus[n].sqnr_db.get(c, -math.inf) if c in menus[n].codecs else -math.inf
-        # An exact round trip (inf dB) adds no noise; an unbounded error (-inf) makes the sum inf.
-        noise = sum(noise_power(db) for db in sqnr.values())
-        plan_db = math.inf if noise == 0 else -math.inf if math.isinf(noise) else -10.0 * math.log10(noise)
+        # A value holding inf or NaN gets no SQNR (its lossy codecs are excluded).
+        sqnr = {n: menus[n].sqnr_db.get(c, -math.inf) for n, c in self.codecs.items()}
+        plan_db = combined_sqnr_db(sqnr.values())
         drift = []
         for n, db in sqnr.items():
             if db == -math.inf:
@@ -157,7 +153,6 @@ class EvolvingGraph:
         self.record = record
         self._compile = compile
         self.calls = 0
-        self.replans = 0
         self._interval = first_check
         self._next_check = first_check
 
@@ -184,14 +179,12 @@ class EvolvingGraph:
             )
             return
         reason = f"re-plan of {graph_id} at call {self.calls}, its codecs drifted: " + "; ".join(result.drift)
+        from adacc_compiler.solver import InfeasibleBudgetError
+
         t0 = time.perf_counter()
         try:
             compiled, record = self._compile(list(args), reason)
-        except Exception as err:
-            from adacc_compiler.solver import InfeasibleBudgetError
-
-            if not isinstance(err, InfeasibleBudgetError):
-                raise
+        except InfeasibleBudgetError as err:
             raise InfeasibleBudgetError(
                 f"adacc {graph_id}: at call {self.calls} its lossy codecs no longer meet their bounds on the "
                 f"current values ({'; '.join(result.drift)}), and no plan on those values fits: {err}. "
@@ -203,7 +196,6 @@ class EvolvingGraph:
         if record is not None:
             record.replaces = graph_id
         self.compiled, self.record = compiled, record
-        self.replans += 1
         log.info(
             "adacc %s: codecs drifted at call %d (%s); re-planned as %s in %.1f s",
             graph_id, self.calls, "; ".join(result.drift), record.graph_id if record else "?", time.perf_counter() - t0,

@@ -15,9 +15,9 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
-__all__ = ["noise_power", "RETAIN", "RECOMPUTE", "COMPRESS", "DROP", "CHOICES", "Decision", "SolverSummary", "Plan", "MemoryTimeline"]
+__all__ = ["noise_power", "combined_sqnr_db", "RETAIN", "RECOMPUTE", "COMPRESS", "DROP", "CHOICES", "Decision", "SolverSummary", "Plan", "MemoryTimeline"]
 
 RETAIN = "retain"
 RECOMPUTE = "recompute"
@@ -29,6 +29,17 @@ CHOICES = (RETAIN, RECOMPUTE, COMPRESS, DROP)
 def noise_power(sqnr_db: float) -> float:
     """Quantisation noise power relative to the signal's, for an SQNR in dB."""
     return 10.0 ** (-sqnr_db / 10.0)
+
+
+def combined_sqnr_db(sqnrs_db: Iterable[float]) -> float:
+    """The SQNR of several values' errors together: their relative noise powers summed, in dB.
+
+    ``inf`` when none adds noise; ``-inf`` when one is unbounded (``-inf`` dB).
+    """
+    noise = sum(noise_power(db) for db in sqnrs_db)
+    if noise == 0:
+        return math.inf
+    return -math.inf if math.isinf(noise) else -10.0 * math.log10(noise)
 
 
 @dataclass(frozen=True)
@@ -107,8 +118,7 @@ class Plan:
 
     def plan_sqnr_db(self) -> float:
         """The plan's combined SQNR: its lossy values' relative noise powers summed, in dB (inf: none)."""
-        noise = sum(noise_power(d.sqnr_db) for d in self.decisions if d.sqnr_db is not None)
-        return math.inf if noise == 0 else -10.0 * math.log10(noise)
+        return combined_sqnr_db(d.sqnr_db for d in self.decisions if d.sqnr_db is not None)
 
     def by_name(self) -> dict[str, Decision]:
         return {d.name: d for d in self.decisions}

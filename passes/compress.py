@@ -383,15 +383,7 @@ def _measure_order(info: JointGraphInfo) -> list[fx.Node]:
     """
     fw = info.fw_nodes
     index = {n: i for i, n in enumerate(fw)}
-    (outputs,) = info.gm.graph.find_nodes(op="output")
-    required: set[fx.Node] = set()
-    stack = [a for a in _flatten_nodes(outputs.args[0][: info.num_fwd_outputs]) if a in index]
-    while stack:
-        n = stack.pop()
-        if n not in required:
-            required.add(n)
-            stack.extend(a for a in n.all_input_nodes if a in index)
-    movable = set(fw) - required
+    movable = {n for n in fw if not info.node_info.is_required_fw(n)}
     key: dict[fx.Node, int] = {}
     for n in fw:
         if n in movable:
@@ -401,16 +393,6 @@ def _measure_order(info: JointGraphInfo) -> list[fx.Node]:
     # A movable node's inputs sort before it (equal keys fall back to the
     # original order); a required node reads only required ones.
     return sorted(fw, key=lambda n: (key[n], index[n]))
-
-
-def _flatten_nodes(items) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    for a in items:
-        if isinstance(a, fx.Node):
-            out.append(a)
-        elif isinstance(a, (tuple, list)):
-            out.extend(_flatten_nodes(a))
-    return out
 
 
 def _run_forward(
