@@ -87,7 +87,7 @@ def test_multi_rebuild_defaults_on_and_parses():
 
 
 def test_plan_sqnr_bound_parses_and_converts_to_a_noise_power():
-    assert AdaccConfig().min_plan_sqnr_db == 33.0
+    assert AdaccConfig().min_plan_sqnr_db == 36.0
     cfg = AdaccConfig(min_plan_sqnr_db="30")
     assert cfg.min_plan_sqnr_db == 30.0 and cfg.plan_noise_budget == pytest.approx(1e-3)
     for off in (None, "off", "None"):
