@@ -91,6 +91,8 @@ COLUMNS = [
     "saved_frac",
     "peak_mib",
     "step_ratio",
+    "step_ratio_lo",
+    "step_ratio_hi",
     "step_ms",
     "grad_rel_err",
     "compile_s",
@@ -528,6 +530,7 @@ def run_bench(config: BenchConfig, *, write: bool = True) -> BenchResult:
                     continue
                 row["step_ms"] = t["median_s"] * 1e3
                 row["step_ratio"] = t["ratio"]
+                row["step_ratio_lo"], row["step_ratio_hi"] = t["ratio_lo"], t["ratio_hi"]
 
     base_saved = next((r["saved_mib"] for r in rows if r["variant"] == "inductor" and r["status"] == "ok"), None)
     for row in rows:
@@ -569,10 +572,17 @@ def _fmt(x: Any, spec: str) -> str:
     return format(x, spec)
 
 
+def _interval(row: dict[str, Any]) -> str:
+    lo, hi = row.get("step_ratio_lo"), row.get("step_ratio_hi")
+    if not (_finite(lo) and _finite(hi)):
+        return "-"
+    return f"{lo:.3f}-{hi:.3f}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'variant':<12} {'budget':>6} {'saved MiB':>10} {'saved/ind':>9} "
-        f"{'peak MiB':>9} {'ratio':>6} {'step ms':>8} {'grad err':>9} "
+        f"{'peak MiB':>9} {'ratio':>6} {'95% interval':>13} {'step ms':>8} {'grad err':>9} "
         f"{'compile s':>9}  status"
     )
     lines = [head, "-" * len(head)]
@@ -580,7 +590,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['variant']:<12} {_fmt(r['budget'], '>6g'):>6} "
             f"{_fmt(r['saved_mib'], '>10.2f'):>10} {_fmt(r.get('saved_frac'), '>9.3f'):>9} "
-            f"{_fmt(r['peak_mib'], '>9.2f'):>9} {_fmt(r['step_ratio'], '>6.2f'):>6} "
+            f"{_fmt(r['peak_mib'], '>9.2f'):>9} {_fmt(r['step_ratio'], '>6.3f'):>6} {_interval(r):>13} "
             f"{_fmt(r.get('step_ms'), '>8.1f'):>8} {_fmt(r.get('grad_rel_err'), '>9.1e'):>9} "
             f"{_fmt(r.get('compile_s'), '>9.1f'):>9}  {r['status']}"
             + (f": {r['error'][:120]}" if r.get("error") else "")
@@ -782,6 +792,7 @@ def check_results(
             report.failures.append(
                 f"{name}: step-time ratio to stock Inductor {ratio:.3f} exceeds the baseline's {base_ratio:.3f} "
                 f"by {100 * (ratio / base_ratio - 1):.1f}% (tolerance {100 * tolerance:.0f}%, limit {limit:.3f})"
+                + (f"; this run's 95% interval {_interval(r)}" if _interval(r) != "-" else "")
             )
     if not report.checked and not report.failures:
         report.failures.append("no adacc variant ran in this run; nothing was checked")

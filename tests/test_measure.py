@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import pytest
@@ -315,3 +316,49 @@ def test_saved_bytes_activation_checkpointing(reentrant):
     assert plain == 2 * 16 * 64 * F32
     # Checkpointed: only the region's input x*2.
     assert ckpt == 16 * 64 * F32
+
+
+# --------------------------------------------------------------------------
+# median_interval
+# --------------------------------------------------------------------------
+
+
+def test_median_interval_brackets_the_median_and_narrows_with_more_rounds():
+    import random as _random
+
+    from adacc_compiler.measure import median_interval
+
+    rng = _random.Random(1)
+    few = [1.05 + rng.gauss(0, 0.02) for _ in range(10)]
+    many = [1.05 + rng.gauss(0, 0.02) for _ in range(200)]
+    lo, hi = median_interval(few)
+    assert lo <= statistics.median(few) <= hi
+    lo2, hi2 = median_interval(many)
+    assert lo2 <= statistics.median(many) <= hi2
+    assert hi2 - lo2 < hi - lo
+    # 200 draws of sd 0.02: the median's standard error is about 0.0018, so a
+    # 95% interval is roughly +-0.0035 and must hold the true median 1.05.
+    assert 0.003 < hi2 - lo2 < 0.015
+    assert lo2 < 1.05 < hi2
+    # Deterministic for the same data.
+    assert median_interval(many) == (lo2, hi2)
+
+
+def test_median_interval_edge_cases():
+    from adacc_compiler.measure import median_interval
+
+    assert median_interval([1.2, 1.2, 1.2]) == (1.2, 1.2)
+    assert all(math.isnan(v) for v in median_interval([1.0]))
+    assert all(math.isnan(v) for v in median_interval([]))
+    with pytest.raises(ValueError, match="level"):
+        median_interval([1.0, 2.0], level=1.0)
+    with pytest.raises(ValueError, match="resamples"):
+        median_interval([1.0, 2.0], resamples=0)
+
+
+def test_interleaved_ratios_report_an_interval_around_the_ratio():
+    steps = {"base": lambda: time.sleep(0.002), "double": lambda: time.sleep(0.004)}
+    res = interleaved_step_ratios(steps, baseline="base", rounds=6, warmup=1)
+    r = res["double"]
+    assert r["ratio_lo"] <= r["ratio"] <= r["ratio_hi"]
+    assert res["base"]["ratio_lo"] == res["base"]["ratio_hi"] == pytest.approx(1.0)
