@@ -595,8 +595,49 @@ def test_a_fused_value_reading_a_bool_is_charged_per_inlined_element(monkeypatch
     plain = cm.node_costs([where, mul])
     rec = cm.recompute_costs([where, mul])
     fused_where = costs.fused_recompute_seconds(where, plain[where], device_kind="cpu")
-    assert rec[where] == pytest.approx(fused_where + 2 * 2 * 4 * 8 * 8 * 1e-9)
+    # Computed at each of its two readers' 512 elements: 1024 evaluations of a 128-element value.
+    assert costs.inlined_evaluations(where) == 2 * 512
+    assert rec[where] == pytest.approx(fused_where * 1024 / 128 + 2 * 2 * 4 * 8 * 8 * 1e-9)
     assert rec[mul] == pytest.approx(costs.fused_recompute_seconds(mul, plain[mul], device_kind="cpu"))
+
+
+def _rotary_layers(q1, q2, k1, inv_freq, pos):
+    # A rotary table (8 x 4) built once and read by two "layers'" rotations of
+    # (2, 3, 8, 4) queries and a (2, 1, 8, 4) key, as in a Llama.
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos() * 1.0
+    c = cos[None, None]
+    return q1 * c + 1.0, k1 * c, (q2 * c).sum(-1)
+
+
+def test_inlined_evaluations_count_every_kernel_a_broadcast_table_lands_in():
+    args = (torch.randn(2, 3, 8, 4), torch.randn(2, 3, 8, 4), torch.randn(2, 1, 8, 4), torch.randn(2), torch.arange(8.0))
+    gm = trace(_rotary_layers, *args)
+    cos = the(gm, aten.cos.default)
+    (scale,) = [n for n in ops(gm, aten.mul.Tensor) if n.args[0] is cos]
+    # The scaled table (32 values) is read, through views, by the 192-element
+    # query rotation (whose same-shape add lands in its kernel), the 64-element
+    # key rotation and the 192-element product a reduction reads: it is
+    # computed at every element of each.
+    assert costs.inlined_evaluations(scale) == 192 + 64 + 192
+    # cos is inlined into the scaling, so it is evaluated wherever that is.
+    assert costs.inlined_evaluations(cos) == 192 + 64 + 192
+    # A value read only at its own shape is evaluated once per element.
+    (add,) = ops(gm, aten.add.Tensor)
+    (q_rot,) = add.all_input_nodes
+    assert costs.inlined_evaluations(q_rot) == 192
+
+
+def test_recompute_costs_charge_a_broadcast_table_per_inlined_element():
+    args = (torch.randn(2, 3, 8, 4), torch.randn(2, 3, 8, 4), torch.randn(2, 1, 8, 4), torch.randn(2), torch.arange(8.0))
+    gm = trace(_rotary_layers, *args)
+    cos = the(gm, aten.cos.default)
+    cm = CostModel(profile=False, cache_dir=None)
+    plain = cm.node_costs([cos])
+    rec = cm.recompute_costs([cos])
+    fused = costs.fused_recompute_seconds(cos, plain[cos], device_kind="cpu")
+    assert rec[cos] == pytest.approx(fused * (192 + 64 + 192) / 32)
 
 
 def test_bool_read_seconds_is_measured_once_and_cached(tmp_path):
