@@ -35,7 +35,11 @@ Three steps, each a function:
 
    Roles are tried in that order; the first that matches wins. With
    ``compress_sensitive`` the attention tensors and the residual stream are
-   offered the ``other`` menu as well. Values under :data:`MIN_BYTES`,
+   offered the ``other`` menu as well. Whatever its role, a value made before
+   the repeated layers and read in two or more of them (RoPE's ``cos`` /
+   ``sin`` tables, attention masks: :func:`shared_layers`) is offered its
+   menu's lossless codecs only: one rounding error in it would recur in every
+   layer, which the plan's summed noise bound counts once. Values under :data:`MIN_BYTES`,
    non-contiguous values and integer tensors get no codec.
 
    Besides the values the backward reads, a value only recomputation reads
@@ -97,6 +101,7 @@ __all__ = [
     "SENSITIVE_ROLES",
     "tensor_role",
     "codec_menus",
+    "shared_layers",
     "measure_menus",
     "sqnr_db",
     "codecs_inserted",
@@ -336,6 +341,12 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool, checkpoints
         if sensitive and role in SENSITIVE_ROLES:
             names = list(MENUS["other"])
             rule = f"{role}, lossy codecs allowed by compress_sensitive"
+        shared = shared_layers(info, node)
+        if shared:
+            rule = (
+                f"{rule}; made before the layers and read in layers {shared[0]}-{shared[-1]}: "
+                "lossless only (one rounding error would recur in every layer)"
+            )
         if source:
             rule = f"{rule}; checkpoint (the backward rebuilds its readers from it)"
         val = node.meta["val"]
@@ -344,11 +355,63 @@ def codec_menus(info: JointGraphInfo, *, mode: str, sensitive: bool, checkpoints
             codec = CODECS.get(name)
             if codec is None or not codec.supports(tuple(val.shape), val.dtype):
                 continue
-            if mode == "lossless" and not codec.lossless:
+            if (mode == "lossless" or shared) and not codec.lossless:
                 continue
             offered.append(name)
         menus[node] = Menu(role=role, rule=rule, codecs=offered, checkpoint=source)
     return menus
+
+
+def shared_layers(info: JointGraphInfo, node: fx.Node) -> list[int]:
+    """The layers that read ``node`` if no trainable parameter is upstream of it and two or more layers read it.
+
+    Such a value is made from the batch and buffers alone, before the
+    repeated layers (RoPE's ``cos``/``sin`` tables, an attention mask), and
+    is the same tensor in every layer, so a codec's rounding error in it is
+    not independent noise per layer but one error repeated coherently in
+    each; the plan's summed noise bound would count it once. Readers are
+    followed through views; an empty list for anything else.
+    """
+    if node in info.layer_of or _has_trainable_ancestor(info, node):
+        return []
+    layers: set[int] = set()
+    stack = list(node.users)
+    seen: set[fx.Node] = set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if is_alias(user):
+            stack.extend(user.users)
+        elif user in info.layer_of:
+            layers.add(info.layer_of[user][0])
+    return sorted(layers) if len(layers) > 1 else []
+
+
+def _has_trainable_ancestor(info: JointGraphInfo, node: fx.Node) -> bool:
+    trainable = _trainable_primals(info)
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in trainable:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _trainable_primals(info: JointGraphInfo) -> set[fx.Node]:
+    """The primals the joint graph returns a gradient for (its outputs after the forward's)."""
+    cached = info.__dict__.get("_adacc_trainable")
+    if cached is None:
+        (output,) = [n for n in info.gm.graph.nodes if n.op == "output"]
+        grads = list(output.args[0])[info.num_fwd_outputs :]
+        cached = {p for p, g in zip(info.primals, grads) if g is not None}
+        info.__dict__["_adacc_trainable"] = cached
+    return cached
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:

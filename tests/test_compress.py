@@ -111,6 +111,36 @@ def test_roles_on_llama_follow_the_rules(llama_info):
             assert role == "attention", (node, role)
 
 
+def test_values_shared_by_the_layers_are_lossless_only():
+    from adacc_compiler.passes.compress import shared_layers
+    from tests.models import hf_llama
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = hf_llama(4)
+    ids = torch.randint(0, 128, (2, 64))
+    gm, inputs, kwargs = capture_joint_graphs(lambda m: m(input_ids=ids, labels=ids).loss, model)[0]
+    info = _info(gm, kwargs)
+    assert info.num_layers >= 3
+    menus = codec_menus(info, mode="lossy", sensitive=True)
+    shared = {n: shared_layers(info, n) for n in menus}
+    shared = {n: layers for n, layers in shared.items() if layers}
+    # RoPE's cos and sin tables (1 x seq x head_dim, through their views) and
+    # the attention mask (batch x 1 x seq x seq): built from positions and
+    # buffers before the layers, read in each of them.
+    shapes = sorted(tuple(n.meta["val"].shape) for n in shared)
+    assert shapes.count((1, 64, 16)) == 2 and shapes.count((1, 1, 64, 16)) == 2, shapes
+    assert (2, 1, 64, 64) in shapes, shapes
+    for node, layers in shared.items():
+        assert len(layers) >= 2 and node not in info.layer_of
+        assert all(get_codec(c).lossless for c in menus[node].codecs), (node, menus[node].codecs)
+        assert "lossless only (one rounding error would recur in every layer)" in menus[node].rule
+    # Everything else keeps its lossy codecs: the per-layer values are not shared.
+    assert any(m.codecs and not get_codec(m.codecs[0]).lossless for n, m in menus.items() if n not in shared)
+    # A value made inside a layer is never shared, whatever reads it.
+    assert all(not shared_layers(info, n) for n in info.layer_of)
+
+
 def test_menus_follow_mode_and_sensitivity(llama_info):
     info = llama_info
     off = codec_menus(info, mode="off", sensitive=False)
