@@ -789,10 +789,11 @@ def check_results(
             continue
         limit = base_ratio * (1 + tolerance)
         if ratio > limit:
+            interval = _interval(r)
             report.failures.append(
                 f"{name}: step-time ratio to stock Inductor {ratio:.3f} exceeds the baseline's {base_ratio:.3f} "
                 f"by {100 * (ratio / base_ratio - 1):.1f}% (tolerance {100 * tolerance:.0f}%, limit {limit:.3f})"
-                + (f"; this run's 95% interval {_interval(r)}" if _interval(r) != "-" else "")
+                + ("" if interval == "-" else f"; this run's 95% interval {interval}")
             )
     if not report.checked and not report.failures:
         report.failures.append("no adacc variant ran in this run; nothing was checked")

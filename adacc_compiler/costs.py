@@ -452,7 +452,6 @@ def inlined_evaluations(node: torch.fx.Node, memo: dict[torch.fx.Node, int] | No
     if node in memo:
         return memo[node]
     own = _elements(node)
-    memo[node] = own  # cycles cannot occur in a DAG; this only guards re-entry
 
     def reached(user: torch.fx.Node) -> int:
         if is_free(user) or fuses_into_users(user):

@@ -370,48 +370,31 @@ def shared_layers(info: JointGraphInfo, node: fx.Node) -> list[int]:
     is the same tensor in every layer, so a codec's rounding error in it is
     not independent noise per layer but one error repeated coherently in
     each; the plan's summed noise bound would count it once. Readers are
-    followed through views; an empty list for anything else.
+    followed through views (:func:`_consumers`); an empty list for anything
+    else.
     """
-    if node in info.layer_of or _has_trainable_ancestor(info, node):
+    if node in info.layer_of:
         return []
-    layers: set[int] = set()
-    stack = list(node.users)
-    seen: set[fx.Node] = set()
-    while stack:
-        user = stack.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        if is_alias(user):
-            stack.extend(user.users)
-        elif user in info.layer_of:
-            layers.add(info.layer_of[user][0])
-    return sorted(layers) if len(layers) > 1 else []
+    layers = sorted({info.layer_of[u][0] for u in _consumers(node) if u in info.layer_of})
+    if len(layers) < 2 or _has_trainable_ancestor(info, node):
+        return []
+    return layers
 
 
 def _has_trainable_ancestor(info: JointGraphInfo, node: fx.Node) -> bool:
-    trainable = _trainable_primals(info)
+    """Whether a primal the joint graph returns a gradient for (its outputs after the forward's) is upstream."""
+    (output,) = info.gm.graph.find_nodes(op="output")
+    grads = list(output.args[0])[info.num_fwd_outputs :]
+    trainable = {p for p, g in zip(info.primals, grads) if g is not None}
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
         if n in trainable:
             return True
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
     return False
-
-
-def _trainable_primals(info: JointGraphInfo) -> set[fx.Node]:
-    """The primals the joint graph returns a gradient for (its outputs after the forward's)."""
-    cached = info.__dict__.get("_adacc_trainable")
-    if cached is None:
-        (output,) = [n for n in info.gm.graph.nodes if n.op == "output"]
-        grads = list(output.args[0])[info.num_fwd_outputs :]
-        cached = {p for p, g in zip(info.primals, grads) if g is not None}
-        info.__dict__["_adacc_trainable"] = cached
-    return cached
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -78,18 +78,22 @@ def _mlp_joint(width=128, depth=3, batch=64):
 # --------------------------------------------------------------------------- roles
 
 
-@pytest.fixture(scope="module")
-def llama_info():
+def _hf_llama_info(layers: int):
     from tests.models import hf_llama
 
     # A fresh Dynamo: after other tests compiled these modules at other
     # shapes, it would trace this one with dynamic sizes.
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = hf_llama(2)
+    model = hf_llama(layers)
     ids = torch.randint(0, 128, (2, 64))
     gm, inputs, kwargs = capture_joint_graphs(lambda m: m(input_ids=ids, labels=ids).loss, model)[0]
     return _info(gm, kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama_info():
+    return _hf_llama_info(2)
 
 
 def test_roles_on_llama_follow_the_rules(llama_info):
@@ -113,14 +117,8 @@ def test_roles_on_llama_follow_the_rules(llama_info):
 
 def test_values_shared_by_the_layers_are_lossless_only():
     from adacc_compiler.passes.compress import shared_layers
-    from tests.models import hf_llama
 
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = hf_llama(4)
-    ids = torch.randint(0, 128, (2, 64))
-    gm, inputs, kwargs = capture_joint_graphs(lambda m: m(input_ids=ids, labels=ids).loss, model)[0]
-    info = _info(gm, kwargs)
+    info = _hf_llama_info(4)
     assert info.num_layers >= 3
     menus = codec_menus(info, mode="lossy", sensitive=True)
     shared = {n: shared_layers(info, n) for n in menus}
