@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from adacc_compiler import bench, cli
 from adacc_compiler.bench import BenchConfig, check_results, load_results, plot_pareto
+from adacc_compiler.config import AdaccConfig
 from adacc_compiler.models import MODELS
 from adacc_compiler.train import TrainConfig
 
@@ -309,6 +311,12 @@ def test_ci_regression_check_passes_on_this_code(tmp_path, capsys, ci_variants):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "regression check PASSED: 1 adacc variant(s) checked, 0 failure(s)" in out
+    # The row carries what the plan expected next to what was measured.
+    rows, _ = load_results(tmp_path / "e2e_gpt_2.json")
+    (row,) = [r for r in rows if r["variant"] == "adacc0.5"]
+    assert math.isfinite(row["plan_overhead_ms"]) and row["plan_overhead_ms"] >= 0.0
+    bound = AdaccConfig().min_plan_sqnr_db
+    assert row["plan_sqnr_db"] is None or row["plan_sqnr_db"] >= bound - 1e-6
 
 
 def test_ci_regression_check_fails_on_a_slowed_adacc_step(tmp_path, capsys, ci_variants):
