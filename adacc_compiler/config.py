@@ -137,7 +137,9 @@ class AdaccConfig:
             (train_b025_plan33_evolve), but of five ``adacc train`` runs with
             it one ended 1.08% above stock Inductor
             (train_demo_b05_plan33_evolve/run3_fresh_clone); 30 dB ended one
-            seed 1.24% above (train_b025_plan30_evolve).
+            seed 1.24% above (train_b025_plan30_evolve) before values shared
+            by all layers were kept lossless, and eight seeds within 0.65%
+            since (train_b025_plan30_shared, train_b025_plan30_shared_s4).
         compress_sensitive: Also offer lossy codecs for the tensors attention's
             backward needs and for the residual stream (lossless-only otherwise).
         compress_checkpoints: Also offer codecs to values the backward does

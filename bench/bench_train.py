@@ -31,6 +31,7 @@ import json
 import shutil
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,8 @@ def _plot(path: Path, results: dict[int, TrainResult], title: str) -> None:
             ax.plot(_smooth(run.losses, 15), style, color=color, linewidth=1.2, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (smoothed over 15 steps)")
-    ax.set_title(title)
+    # The title names every option; wrapped, it stays inside the figure.
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
