@@ -16,7 +16,9 @@ at the budget) and writes to ``--out``:
 ``seed_<n>/``   each run's own outputs (``summary.json``, ``losses.csv``, plots;
                 the dumps are dropped to keep the results small)
 
-and prints the table with the mean and spread of the differences. Run a
+and prints the table with the mean and spread of the differences.
+``--replot DIR`` draws ``DIR/seeds.png`` again from the ``losses.csv`` and
+``config.json`` a run left there, without training. Run a
 lossless control too (``--budget 1.0 --compress off``: the two runs differ
 only in rounding): it shows how far apart the recipe itself lets two runs
 end. At a peak learning rate of 2e-3 that was up to 2.5% in held-out loss,
@@ -103,7 +105,14 @@ def _table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: Path, results: dict[int, TrainResult], title: str) -> None:
+def _title(budget: float, options: dict, compress: str | None = None) -> str:
+    named = {**({"compress": compress} if compress is not None else {}), **options}
+    opts = ", ".join(f"{k}={v}" for k, v in named.items())
+    return f"adacc at budget {budget} ({opts or 'default options'}) vs stock Inductor"
+
+
+def _plot(path: Path, losses: dict[int, dict[str, list[float]]], title: str) -> None:
+    """Both runs' training losses of every seed: ``losses[seed]["inductor" | "adacc"]``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,12 +120,11 @@ def _plot(path: Path, results: dict[int, TrainResult], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (seed, result) in enumerate(results.items()):
+    for i, (seed, runs) in enumerate(losses.items()):
         color = colors[i % len(colors)]
         for name, style in (("inductor", ":"), ("adacc", "-")):
-            run = result.runs[name]
             label = f"seed {seed}, {'stock Inductor' if name == 'inductor' else 'adacc'}"
-            ax.plot(_smooth(run.losses, 15), style, color=color, linewidth=1.2, label=label)
+            ax.plot(_smooth(runs[name], 15), style, color=color, linewidth=1.2, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (smoothed over 15 steps)")
     # The title names every option; wrapped, it stays inside the figure.
@@ -126,6 +134,25 @@ def _plot(path: Path, results: dict[int, TrainResult], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(directory: Path) -> Path:
+    """Draw ``directory/seeds.png`` again from the losses and configuration a run wrote there."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--replot: {directory} holds no config.json of a bench_train.py run")
+    config = json.loads(config_path.read_text())
+    losses: dict[int, dict[str, list[float]]] = {}
+    for seed in config["seeds"]:
+        csv_path = directory / f"seed_{seed}" / "losses.csv"
+        if not csv_path.is_file():
+            raise ValueError(f"--replot: {csv_path} is missing (config.json lists seed {seed})")
+        with csv_path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        losses[seed] = {name: [float(r[f"loss_{name}"]) for r in rows] for name in ("inductor", "adacc")}
+    path = directory / "seeds.png"
+    _plot(path, losses, _title(config["budget"], config.get("options") or {}, config.get("compress")))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compress", choices=["lossy", "lossless", "off"], default=None)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="other adacc options")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_seeds")
+    p.add_argument("--replot", type=Path, metavar="DIR", help="only draw DIR/seeds.png again from a run's files")
     args = p.parse_args(argv)
+    if args.replot is not None:
+        print(f"wrote {replot(args.replot)}")
+        return 0
     options = _parse_options(args.option)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[int, TrainResult] = {}
@@ -178,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     "compress": args.compress,
                     "options": options, "torch": torch.__version__}, indent=2) + "\n"
     )
-    opts = ", ".join(f"{k}={v}" for k, v in options.items())
-    _plot(args.out / "seeds.png", results, f"adacc at budget {args.budget} ({opts or 'default options'}) vs stock Inductor")
+    losses = {seed: {name: r.runs[name].losses for name in ("inductor", "adacc")} for seed, r in results.items()}
+    _plot(args.out / "seeds.png", losses, _title(args.budget, options, args.compress))
     print(table)
     return 0
 
