@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from adacc_compiler import measure
-from adacc_compiler.plan import combined_sqnr_db
 from adacc_compiler.models import MODELS, enable_activation_checkpointing, loss_of, make_model
+from adacc_compiler.plan import combined_sqnr_db
 
 __all__ = [
     "BenchConfig",
