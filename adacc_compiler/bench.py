@@ -384,11 +384,11 @@ def prepare_variant(
                 raise RuntimeError("adacc compiled no graph that needs gradients for this variant")
             row["budget_mib"] = sum(p.budget_bytes for p in plans) / MiB
             row["plan_peak_mib"] = sum(p.predicted_peak_bytes for p in plans) / MiB
-            # What the plans expected, next to what the rounds measure: the
-            # cost model's extra time per step, and the error of all the
-            # graphs' lossy codecs together.
+            # What the plans expected, next to what the rounds measure: their
+            # objective (not net of stock Inductor's own recomputation), and
+            # the error of all the graphs' lossy codecs together.
             row["plan_overhead_ms"] = 1e3 * sum(p.estimated_overhead_s for p in plans)
-            sqnr = combined_sqnr_db(d.sqnr_db for p in plans for d in p.decisions if d.sqnr_db is not None)
+            sqnr = combined_sqnr_db(p.plan_sqnr_db() for p in plans)
             row["plan_sqnr_db"] = None if math.isinf(sqnr) else sqnr  # empty: no lossy codec
             # What the compiles really used: the option, else ADACC_COMPRESS, else the default.
             row["compress"] = getattr(compiled_graphs()[plans0].config, "compress", None)

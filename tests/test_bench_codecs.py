@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from tests import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def bench_codecs():
-    spec = importlib.util.spec_from_file_location("bench_codecs", REPO / "bench" / "bench_codecs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("bench_codecs")
 
 
 def test_cpu_run_writes_every_column_with_consistent_figures(bench_codecs, tmp_path):

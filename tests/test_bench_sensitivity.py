@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def rows():
-    spec = importlib.util.spec_from_file_location("bench_sensitivity", REPO / "bench" / "bench_sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.measure("llama", 1, 40.0)
+    return bench_scripts.load("bench_sensitivity").measure("llama", 1, 40.0)
 
 
 def test_a_linear_layers_input_disturbs_its_own_weight_gradient_undiluted(rows):
